@@ -1,0 +1,8 @@
+"""TGV-KV Explorer: text-grounded KV-cache eviction for vision-language models, inspectable end to end."""
+from .layout import TokenLayout
+from .policies import POLICIES, Policy, Selection, make_policy
+from .select import layer_budgets, run_selection, select
+
+__all__ = ["select", "layer_budgets", "run_selection", "POLICIES", "Policy", "Selection", "make_policy", "TokenLayout"]
+
+__version__ = "0.1.0"

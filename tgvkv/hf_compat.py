@@ -1,0 +1,110 @@
+"""Everything that touches transformers' model/processor conventions lives here (pinned: transformers 5.23).
+
+Model facts are read from the config and processor, never from a table of known checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from . import capture
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    model_type: str
+    image_token_id: int
+    video_token_id: int | None
+    num_layers: int
+    layer_types: tuple[str, ...] | None  # e.g. ("sliding_attention", "full_attention", ...) for Gemma 3
+
+    @property
+    def vision_token_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id,) if self.video_token_id is None else (self.image_token_id, self.video_token_id)
+
+
+def model_facts(config: Any) -> ModelFacts:
+    """Read the image token id(s) and language-layer count from a VLM config, or raise a ValueError naming the gap."""
+    model_type = getattr(config, "model_type", type(config).__name__)
+    image_id = getattr(config, "image_token_id", None)
+    if image_id is None:
+        image_id = getattr(config, "image_token_index", None)
+    if image_id is None:
+        raise ValueError(
+            f"unsupported model: config of type {model_type!r} has no `image_token_id` (or `image_token_index`), "
+            "so image tokens cannot be located in the prompt"
+        )
+    try:
+        text_cfg = config.get_text_config(decoder=True)
+    except AttributeError:
+        text_cfg = None
+    n_layers = getattr(text_cfg, "num_hidden_layers", None) if text_cfg is not None else None
+    if text_cfg is None or text_cfg is config or n_layers is None:
+        raise ValueError(
+            f"unsupported model: config of type {model_type!r} has no separate text (language model) config with "
+            "`num_hidden_layers`"
+        )
+    layer_types = getattr(text_cfg, "layer_types", None)
+    return ModelFacts(
+        model_type=model_type,
+        image_token_id=int(image_id),
+        video_token_id=getattr(config, "video_token_id", None),
+        num_layers=int(n_layers),
+        layer_types=tuple(layer_types) if layer_types else None,
+    )
+
+
+def enable_capture(model: torch.nn.Module, eager_reference: bool = False) -> None:
+    """Route the language model's attention through the capturing function; the vision tower is left alone.
+
+    Call once after loading. Output is unchanged (SDPA); statistics are recorded only inside `capture.recording`.
+    """
+    name = capture.EAGER_NAME if eager_reference else capture.SDPA_NAME
+    model.set_attn_implementation({"text_config": name})
+
+
+def capture_enabled(model: torch.nn.Module) -> bool:
+    impl = model.config.get_text_config(decoder=True)._attn_implementation
+    return impl in (capture.SDPA_NAME, capture.EAGER_NAME)
+
+
+def language_device(model: torch.nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+# -- prompts ------------------------------------------------------------------------------------------------------
+def _user_turn(question: str, n_images: int) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]}
+
+
+def render_prompt(processor: Any, question: str, n_images: int) -> str:
+    """The chat-template prompt for one user turn with `n_images` images followed by the question."""
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError("the processor has no chat template; cannot build a prompt for this model")
+    return processor.apply_chat_template([_user_turn(question, n_images)], add_generation_prompt=True, tokenize=False)
+
+
+def followup_suffix(processor: Any, question: str, n_images: int, answer: str, followup: str) -> str:
+    """Text that the chat template appends after turn 1's answer for a second user turn (no new image)."""
+    turn1 = [_user_turn(question, n_images), {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    before = processor.apply_chat_template(turn1, tokenize=False)
+    after = processor.apply_chat_template(turn1 + [_user_turn(followup, 0)], add_generation_prompt=True, tokenize=False)
+    if not after.startswith(before):
+        raise ValueError("the chat template does not render a second turn as an extension of the first")
+    return after[len(before) :]
+
+
+def process_inputs(processor: Any, images: Sequence[Image.Image], prompt: str, device: torch.device, dtype: torch.dtype):
+    """Tokenise the prompt and preprocess the images; floating tensors are cast to the model dtype."""
+    inputs = processor(images=list(images) if images else None, text=prompt, return_tensors="pt")
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            if v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out

@@ -1,0 +1,106 @@
+"""TGV-KV (arXiv 2606.03075), faithful to the official `kv_caches/tgv_kv.py` selection rule.
+
+TVB: per-layer budgets in proportion to the layer's text->vision attention mass.
+TWR: a vision token's score is sum_q TI[q, v] * w_q, each text query weighted by the attention it receives itself.
+TPR: text positions score (column sum over all queries) + 100, so they are evicted only after the window's vision.
+
+Official quirks reproduced on purpose (see ../shared/docs/tgvkv.md, section 3):
+- budgets are not redistributed: a layer whose share exceeds T keeps T and the surplus is lost;
+- forget counts use round-half-even at prefill but truncation at decode;
+- 4 sinks and the last prompt token are always kept, so at least 5 tokens survive;
+- nothing is evicted at all when (1 - keep_ratio) * T < 1;
+- the +100 text offset is a soft priority (a vision score above 100 would outrank text);
+- at decode, exactly one slot per over-budget layer and step, the protected suffix P_l is never updated.
+Deviation: arithmetic in float64 instead of the model dtype (the official code's bf16 makes text scores tie).
+Generalisation to several images: all vision tokens are "vision", the text queries are the text positions after the
+first vision token, and the protected suffix counts kept positions after the last vision token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..layout import TokenLayout
+from ..stats import PrefillStats, StatRequest
+from . import blocks
+from .base import DecodeRule, Policy, Selection
+
+
+@dataclass
+class OfficialDecodeRule(DecodeRule):
+    """One lowest-attention eviction per step in each layer whose cache exceeds N * (1 - ratio_l)."""
+
+    ratios: np.ndarray  # (L,) official forget fractions
+    protected: np.ndarray  # (L,) protected suffix P_l
+    sinks: int = blocks.OFFICIAL_SINKS
+
+    def victim(self, layer: int, attn_row: torch.Tensor, cache_len: int, logical_len: int) -> torch.Tensor | None:
+        ratio = float(self.ratios[layer])
+        if ratio <= 0:
+            return None
+        forget = max(0, int(cache_len - logical_len * (1.0 - ratio)))  # int() truncates, as the official code
+        end = cache_len - int(self.protected[layer])
+        if forget <= 0 or end <= self.sinks:
+            return None
+        return self.sinks + torch.argmin(attn_row[self.sinks : end])  # first minimum on ties
+
+
+@dataclass
+class TGVKV(Policy):
+    """Text-grounded KV eviction: TVB budgets, TWR ranking, TPR text-first retention (official rule)."""
+
+    name: ClassVar[str] = "tgv-kv"
+    decodes_by_default: ClassVar[bool] = True
+
+    sinks: int = blocks.OFFICIAL_SINKS
+    text_offset: float = blocks.OFFICIAL_TEXT_OFFSET
+    decode: bool = True  # also evict during decoding (official)
+
+    def request(self, layout: TokenLayout) -> StatRequest:
+        _require_vision(layout, self.name)
+        return StatRequest(query_positions=layout.text_query_positions, column_sums="text")
+
+    def select(self, stats: PrefillStats, layout: TokenLayout, keep_ratio: float) -> Selection:
+        _require_vision(layout, self.name)
+        T, L = layout.seq_len, stats.num_layers
+        ti = blocks.text_to_vision(stats, layout)  # (L, Q, V)
+        w = blocks.text_weights(stats, layout)  # (L, Q)
+        vision_scores = np.einsum("lqv,lq->lv", ti, w)  # TWR
+        text_scores = stats.column_sums_for(layout.text_positions).astype(np.float64)  # (L, n_text)
+        scores = blocks.text_priority_scores(vision_scores, text_scores, layout, self.text_offset)  # TPR
+
+        mass = ti.sum(axis=(1, 2))  # TVB statistic s_l
+        if (1.0 - keep_ratio) * T < 1:  # official: nothing to prune
+            ratios = np.zeros(L)
+            forget = np.zeros(L, dtype=np.int64)
+        else:
+            ratios = blocks.official_layer_ratios(mass, keep_ratio)
+            forget = blocks.official_forget_counts(ratios, T)
+        window = blocks.official_window(T, self.sinks)
+        kept = [blocks.evict_lowest(scores[l], window, int(forget[l]), T) for l in range(L)]
+        budgets = np.array([len(k) for k in kept])
+        suffix_start = layout.image_spans[-1][1]
+        info = {
+            "tvb_mass": mass,
+            "layer_ratio": ratios,
+            "forget": forget,
+            "text_weights": w,
+            "vision_scores": vision_scores,
+            "protected_suffix": blocks.protected_suffix(kept, suffix_start),
+        }
+        return Selection(kept=kept, budgets=budgets, scores=scores, info=info)
+
+    def decode_rule(self, selection: Selection, layout: TokenLayout) -> DecodeRule | None:
+        if not self.decode or not np.any(selection.info["forget"] > 0):
+            return None
+        return OfficialDecodeRule(selection.info["layer_ratio"], selection.info["protected_suffix"], self.sinks)
+
+
+def _require_vision(layout: TokenLayout, method: str) -> None:
+    if layout.n_vision == 0:
+        raise ValueError(f"{method} needs at least one image span; the prompt has no vision tokens")
+    if len(layout.text_query_positions) == 0:
+        raise ValueError(f"{method} needs text after the first image (the question); the prompt ends with vision tokens")
