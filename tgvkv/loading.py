@@ -1,0 +1,79 @@
+"""Load a VLM + processor by hub id or local folder, ready for the engine (capturing attention enabled)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import hf_compat
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL_DIR = REPO_ROOT / "assets" / "demo-vlm"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None: cuda if available else cpu
+    dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on GPUs that support it, else fp16), "float32", "bfloat16", "float16"
+    device_map: str | None = None  # "auto" for models larger than one GPU (accelerate)
+    trust_remote_code: bool = False  # never enabled implicitly: only from an explicit command-line opt-in
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but no GPU is available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return table[dtype]
+
+
+def load_model(name_or_path: str | Path, options: LoadOptions = LoadOptions()) -> tuple[torch.nn.Module, Any]:
+    """(model, processor) in eval mode with the capturing attention function enabled for the language model.
+
+    Raises ValueError with a readable message for unknown ids, unreachable hubs and unsupported architectures.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    name = str(name_or_path)
+    if not name.strip():
+        raise ValueError("no model given")
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
+    if options.device_map:
+        kwargs["device_map"] = options.device_map
+    try:
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=options.trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
+    except OSError as e:
+        where = "local folder" if Path(name).exists() else "model id"
+        raise ValueError(
+            f"could not load {where} {name!r}: {str(e).splitlines()[0]} "
+            "(hub ids need network access; offline, use a local folder such as assets/demo-vlm)"
+        ) from e
+    hf_compat.model_facts(model.config)  # clear error for configs without an image token / text config
+    if not options.device_map:
+        model.to(device)
+    model.eval()
+    hf_compat.enable_capture(model)
+    return model, processor
+
+
+def load_demo_model(options: LoadOptions = LoadOptions()) -> tuple[torch.nn.Module, Any]:
+    if not (DEMO_MODEL_DIR / "config.json").exists():
+        raise ValueError(f"the bundled demo model is missing at {DEMO_MODEL_DIR} (train it: python -m tgvkv.demo.train)")
+    return load_model(DEMO_MODEL_DIR, options)
