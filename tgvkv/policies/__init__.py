@@ -5,9 +5,18 @@ import dataclasses
 from typing import Any
 
 from .base import DecodeRule, Policy, Selection, check_keep_ratio
+from .baselines import Full, RandomEviction
+from .h2o import H2O
+from .pyramidkv import PyramidKV
+from .snapkv import SnapKV
+from .streamingllm import StreamingLLM
+from .tgv_ablations import ABLATION_ROWS, TGVAblation
 from .tgv_kv import TGVKV
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (TGVKV,)}
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls
+    for cls in (TGVKV, Full, RandomEviction, StreamingLLM, H2O, SnapKV, PyramidKV, TGVAblation, *ABLATION_ROWS)
+}
 
 
 def register(cls: type[Policy]) -> type[Policy]:
