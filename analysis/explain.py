@@ -1,0 +1,55 @@
+"""One-line findings per figure, computed from the figure data: used as titles and as captions in the app."""
+from __future__ import annotations
+
+import numpy as np
+
+from .compute import AccumulatedData, AttentionData, BudgetData, ComparisonData, NeighbourData, OverlayData
+
+BLOCK = {(0, 0): "T→T", (0, 1): "T→V", (1, 0): "V→T", (1, 1): "V→V"}  # [query modality, key modality]
+
+
+def neighbours(d: NeighbourData) -> str:
+    c = d.curves
+    if not len(c["text→text"]) or not len(c["text→vision"]):
+        return f"{d.layer_name}: needs both text and vision tokens"
+    within, across = c["text→text"][0], c["text→vision"][0]
+    verdict = "cluster by modality" if within > across else "mix across modalities"
+    return f"{d.layer_name}: hidden states {verdict} (nearest-neighbour cosine: text→text {within:.2f}, text→vision {across:.2f})"
+
+
+def attention(d: AttentionData) -> str:
+    dens = np.divide(d.block_sums, d.block_entries, out=np.zeros((2, 2)), where=d.block_entries > 0)
+    if dens[0, 1] <= 0:
+        return f"Layer {d.layer}: text queries give no attention to vision"
+    ratio = dens[0, 0] / dens[0, 1]
+    scope = "" if d.full else " (captured text-query rows only; full map not stored)"
+    return f"Layer {d.layer}: per entry, text→text attention is {ratio:.1f}× text→vision{scope}"
+
+
+def accumulated(d: AccumulatedData) -> str:
+    a, m = d.share_attention_only["text"], d.share_method["text"]
+    return f"Attention-only eviction drops {a:.0%} of text KV; {d.method} drops {m:.0%}"
+
+
+def overlay(d: OverlayData) -> str:
+    n_cells = sum(k.size for k in d.kept)
+    n_kept = sum(int(k.sum()) for k in d.kept)
+    text = f"Layer {d.layer} ({d.method}) keeps {n_kept} of {n_cells} patches"
+    if d.top:
+        v, r, c = d.top[0]
+        text += f"; top text→image patch: {d.views[v].name} row {r} col {c}"
+    return text
+
+
+def budgets(d: BudgetData) -> str:
+    total = d.text[0] + d.vision[0]
+    hi = int(np.argmax(total))
+    full_text = int(np.sum(d.text[0] == d.n_text))
+    return (f"{d.methods[0]} budgets range {total.min()}–{total.max()} tokens (uniform {d.uniform:.0f}); "
+            f"layer {hi} gets most; {full_text}/{len(total)} layers keep all text")
+
+
+def comparison(d: ComparisonData) -> str:
+    i, j = d.pairs[0]
+    return (f"{d.methods[i]} vs {d.methods[j]}: kept sets overlap by Jaccard {d.jaccard[0].mean():.2f} on average "
+            f"(vision tokens only: {d.jaccard_vision[0].mean():.2f})")

@@ -1,0 +1,200 @@
+"""Static matplotlib figures (object-oriented `Figure`, never pyplot) for papers and slides.
+
+Every `plot_x(data)` takes the dataclass of `compute.compute_x` and returns a `matplotlib.figure.Figure` styled for a
+projector (fonts >= 14 pt, thick lines, 150 dpi); the title states the finding (`explain`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+from PIL import Image
+
+from . import explain, palette
+from .arrays import MODALITIES
+from .compute import AccumulatedData, AttentionData, BudgetData, ComparisonData, NeighbourData, OverlayData
+from .explain import BLOCK
+from .overlay import overlay_panels
+
+
+def projector_style(fn: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Build the figure inside `rc_context(palette.MPL_STYLE)`: the style never leaks into global rcParams."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> Figure:
+        with mpl.rc_context(palette.MPL_STYLE):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _title(fig: Figure, text: str) -> None:
+    """Finding as a suptitle, wrapped to two lines if long."""
+    if len(text) > 80:
+        cut = text.rfind(" ", 0, len(text) // 2 + 15)
+        text = text[:cut] + "\n" + text[cut + 1 :]
+    fig.suptitle(text, fontweight="bold")
+
+
+@projector_style
+def plot_neighbours(d: NeighbourData) -> Figure:
+    fig = Figure(figsize=(14 if d.projection is not None else 8, 6), layout="constrained")
+    axes = fig.subplots(1, 2 if d.projection is not None else 1, squeeze=False)[0]
+    for name, curve in d.curves.items():
+        q, t = name.split("→")
+        k = np.arange(1, len(curve) + 1)
+        axes[0].plot(k, curve, color=palette.MODALITY[q], ls="-" if q == t else "--", marker="o", label=name)
+    axes[0].set(xlabel="k nearest neighbours", ylabel="mean cosine similarity", title="within (solid) vs across (dashed)")
+    axes[0].legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
+    if d.projection is not None:
+        for m, sel in zip(MODALITIES, (~d.is_vision, d.is_vision)):
+            axes[1].scatter(*d.projection[sel].T, s=36, color=palette.MODALITY[m], label=m, alpha=0.8, edgecolor="none")
+        axes[1].set(title=f"{d.projection_method.upper()} of hidden states", xticks=[], yticks=[])
+        axes[1].legend(frameon=False, markerscale=1.5)
+    _title(fig, explain.neighbours(d))
+    return fig
+
+
+def _draw_blocks(ax, d: AttentionData, rows: int) -> None:
+    """Modality boundaries on the key axis (and the query axis of full maps), block totals at block centres."""
+    edges = np.flatnonzero(np.diff(d.is_vision.astype(int))) + 0.5
+    for e in edges:
+        ax.axvline(e, color=palette.BOUNDARY, lw=1.5)
+        if d.full:
+            ax.axhline(e, color=palette.BOUNDARY, lw=1.5)
+    total = d.block_sums.sum()
+    n_rows, n_cols = d.log_rows.shape
+    for (q, k), (r0, r1, c0, c1) in d.label_boxes.items():
+        if d.full and (r1 - r0) >= 0.12 * n_rows and (c1 - c0) >= 0.12 * n_cols:  # label big blocks in place
+            ax.text((c0 + c1) / 2, (r0 + r1) / 2, BLOCK[(q, k)], ha="center", va="center", fontsize=15,
+                    fontweight="bold", bbox=dict(facecolor="white", alpha=0.85, edgecolor="none", pad=2))
+    if d.full:  # the causally masked upper-right triangle is empty: room for the totals
+        table = "query→key  total  share\n" + "\n".join(
+            f"{BLOCK[qk]:>9}  {d.block_sums[qk]:5.1f}  {d.block_sums[qk] / total:5.0%}" for qk in sorted(BLOCK))
+        ax.text(0.98, 0.98, table, transform=ax.transAxes, ha="right", va="top", family="monospace", fontsize=13,
+                bbox=dict(facecolor="white", alpha=0.9, edgecolor=palette.BOUNDARY, pad=4))
+    else:
+        cells = [f"{BLOCK[qk]} {d.block_sums[qk]:.1f} ({d.block_sums[qk] / total:.0%})" for qk in sorted(BLOCK)]
+        ax.set_xlabel(f"key position\nblock totals: {cells[0]} · {cells[1]}\n{cells[2]} · {cells[3]}")
+
+
+@projector_style
+def plot_attention(d: AttentionData) -> Figure:
+    fig = Figure(figsize=(16, 7.5), layout="constrained")
+    ax_map, ax_tt = fig.subplots(1, 2, width_ratios=[1.15, 1])
+    vmin = np.nanpercentile(d.log_rows, 1)
+    im = ax_map.imshow(d.log_rows, cmap=palette.ATTENTION, vmin=vmin, vmax=0, aspect="auto", interpolation="nearest")
+    _draw_blocks(ax_map, d, len(d.row_positions))
+    ax_map.set(ylabel="query position", title="head-averaged attention (log10)" if d.full else "captured text-query rows")
+    if d.full:
+        ax_map.set_xlabel("key position")
+    else:
+        _token_ticks(ax_map, [], [str(p) for p in d.row_positions], max_labels=12)
+    tpos = d.text_positions
+    rsel = np.isin(d.row_positions, tpos)
+    tt = d.log_rows[rsel][:, tpos]
+    ax_tt.imshow(tt, cmap=palette.ATTENTION, vmin=vmin, vmax=0, aspect="auto", interpolation="nearest")
+    _token_ticks(ax_tt, [d.tokens[p] for p in tpos], [d.tokens[p] for p in d.row_positions[rsel]])
+    ax_tt.set(title="zoom: text queries → text keys")
+    fig.colorbar(im, ax=[ax_map, ax_tt], label="log10(attention + 1e-6)", shrink=0.9)
+    _title(fig, explain.attention(d))
+    return fig
+
+
+def _token_ticks(ax, xtoks: Sequence[str], ytoks: Sequence[str], max_labels: int = 30) -> None:
+    for axis, toks, rot in ((ax.xaxis, xtoks, 90), (ax.yaxis, ytoks, 0)):
+        if not toks:
+            continue
+        step = max(1, int(np.ceil(len(toks) / max_labels)))
+        ticks = np.arange(0, len(toks), step)
+        axis.set_ticks(ticks, [toks[i] for i in ticks], rotation=rot, fontsize=11 if len(ticks) > 20 else 13)
+
+
+@projector_style
+def plot_accumulated(d: AccumulatedData) -> Figure:
+    fig = Figure(figsize=(16, 8), layout="constrained")
+    ax, ax_ev = fig.subplots(2, 1, height_ratios=[2.2, 1], sharex=True)
+    x = np.arange(len(d.accumulated))
+    for m, sel in zip(MODALITIES, (~d.is_vision, d.is_vision)):
+        ax.bar(x[sel], d.accumulated[sel], width=1.0, color=palette.MODALITY[m], label=m)
+    ax.set(yscale="log", ylabel="accumulated attention\n(sum over queries, layers)",
+           title=f"attention each token receives ({d.source}); attention-only = top tokens by it, same per-layer budgets")
+    ax.legend(frameon=False, loc="upper right")
+    strips = np.stack([d.evicted_attention_only, d.evicted_method])
+    im = ax_ev.imshow(strips, aspect="auto", cmap=palette.SEQUENTIAL, vmin=0, vmax=1, interpolation="nearest",
+                      extent=(-0.5, len(x) - 0.5, 1.5, -0.5))
+    ax_ev.set_yticks([0, 1], ["attention-only", d.method])
+    ax_ev.set(xlabel="prompt position", title="fraction of layers evicting each token")
+    fig.colorbar(im, ax=ax_ev, label="layers evicting", shrink=0.9)
+    _title(fig, explain.accumulated(d))
+    return fig
+
+
+def _show_panels(axes, panels: list[tuple[str, Image.Image]]) -> None:
+    for ax, (title, img) in zip(axes, panels):
+        ax.imshow(np.asarray(img), interpolation="nearest")
+        ax.set_title(title, fontsize=14)
+        ax.set_axis_off()
+
+
+@projector_style
+def plot_overlay(d: OverlayData, images: Sequence[Image.Image] | None = None) -> Figure:
+    """Rows: views; columns: kept at the layer / number of layers keeping each patch."""
+    n = len(d.views)
+    fig = Figure(figsize=(11, 5.2 * n + 0.8), layout="constrained")
+    axes = fig.subplots(n, 2, squeeze=False)
+    _show_panels(axes[:, 0], overlay_panels(d, images, "kept"))
+    _show_panels(axes[:, 1], overlay_panels(d, images, "counts"))
+    handles = [Patch(facecolor="white", edgecolor=palette.KEPT, lw=3, label=f"kept at layer {d.layer}"),
+               Patch(facecolor="#D9D9D9", label="evicted"),
+               Patch(facecolor="white", edgecolor=palette.HIGHLIGHT, lw=3, label="top text→image")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    sm = mpl.cm.ScalarMappable(mpl.colors.Normalize(0, d.num_layers), palette.SEQUENTIAL)
+    fig.colorbar(sm, ax=axes[:, 1], label="layers keeping the patch", shrink=0.8)
+    _title(fig, explain.overlay(d))
+    return fig
+
+
+@projector_style
+def plot_budgets(d: BudgetData) -> Figure:
+    M, L = d.text.shape
+    fig = Figure(figsize=(max(10, 0.5 * L * M + 4), 6.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / M
+    for m in range(M):
+        x = np.arange(L) + (m - (M - 1) / 2) * width
+        ax.bar(x, d.text[m], width, color=palette.TEXT, edgecolor=palette.method_colour(m), lw=2 if M > 1 else 0)
+        ax.bar(x, d.vision[m], width, bottom=d.text[m], color=palette.VISION, edgecolor=palette.method_colour(m),
+               lw=2 if M > 1 else 0, hatch=None if m == 0 else "//")
+    ax.axhline(d.uniform, color=palette.BOUNDARY, ls="--", lw=2)
+    handles = [Patch(color=palette.TEXT, label="text kept"), Patch(color=palette.VISION, label="vision kept"),
+               mpl.lines.Line2D([], [], color=palette.BOUNDARY, ls="--", label=f"uniform budget ({d.uniform:.0f})")]
+    handles += [Patch(facecolor="white", edgecolor=palette.method_colour(m), lw=2, hatch=None if m == 0 else "//",
+                      label=name) for m, name in enumerate(d.methods)] if M > 1 else []
+    ax.legend(handles=handles, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set(xlabel="layer", ylabel="kept prompt tokens", xticks=np.arange(L))
+    _title(fig, explain.budgets(d))
+    return fig
+
+
+@projector_style
+def plot_comparison(d: ComparisonData, images: Sequence[Image.Image] | None = None) -> Figure:
+    """Top: Jaccard of kept sets per layer; below: the methods' overlays side by side (one row per view)."""
+    M, V = len(d.methods), len(d.overlays[0].views) if d.overlays else 0
+    fig = Figure(figsize=(max(12, 5 * M), 5 + 4.8 * V), layout="constrained")
+    grid = fig.add_gridspec(1 + V, M, height_ratios=[1.0] + [1.2] * V)
+    ax = fig.add_subplot(grid[0, :])
+    for p, (i, j) in enumerate(d.pairs):
+        c = palette.method_colour(p)
+        ax.plot(d.jaccard[p], color=c, marker="o", label=f"{d.methods[i]} vs {d.methods[j]}: all tokens")
+        ax.plot(d.jaccard_vision[p], color=c, ls="--", marker="s", label="vision tokens only")
+    ax.set(xlabel="layer", ylabel="Jaccard of kept sets", ylim=(0, 1.05))
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    for m, ov in enumerate(d.overlays):
+        axes = [fig.add_subplot(grid[1 + v, m]) for v in range(V)]
+        _show_panels(axes, [(f"{d.methods[m]}: {t}", img) for t, img in overlay_panels(ov, images, "kept")])
+    _title(fig, explain.comparison(d))
+    return fig
