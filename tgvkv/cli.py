@@ -1,0 +1,100 @@
+"""Command line: `python -m tgvkv run --model PATH_OR_ID --image FILE --question TEXT --method tgv-kv --keep 0.05`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .images import load_image_file
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tgvkv", description="TGV-KV Explorer: KV eviction for VLMs")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="answer one image+question with full KV and with an eviction policy")
+    run.add_argument("--model", default="assets/demo-vlm", help="local folder or hub id (default: bundled demo model)")
+    run.add_argument("--image", required=True, action="append", help="image file (repeat for several images)")
+    run.add_argument("--question", required=True)
+    run.add_argument("--method", default="tgv-kv", help="eviction policy (see `python -m tgvkv methods`)")
+    run.add_argument("--keep", type=float, default=0.05, help="fraction of the KV cache retained, in (0, 1]")
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--protocol", choices=["official", "strict"], default="official")
+    run.add_argument("--followup", default=None, help="a second question asked on the same (evicted) cache")
+    run.add_argument("--device", default=None)
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    run.add_argument("--trace", default=None, help="write the evicted run's trace here (.npz or .json)")
+    run.add_argument("--full-trace", default=None, help="write the full-KV run's trace here (.npz or .json)")
+    run.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+    run.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run (off by default)")
+    sub.add_parser("methods", help="list the registered eviction policies")
+    return p
+
+
+def _summary(cmp) -> dict:
+    full, ev = cmp.full.trace, cmp.evicted.trace
+    return {
+        "model": ev.model,
+        "method": ev.method,
+        "keep_ratio": ev.keep_ratio,
+        "prompt_tokens": ev.seq_len,
+        "full": {"answer": full.output_text, "followup": full.followup_text, "kv_bytes": int(full.kv_bytes_kept.sum()), **full.timings},
+        "evicted": {
+            "answer": ev.output_text,
+            "followup": ev.followup_text,
+            "kv_bytes": int(ev.kv_bytes_kept.sum()),
+            "kv_bytes_final": int(ev.kv_bytes_final.sum()),
+            "kept_tokens_per_layer": ev.budgets.tolist(),
+            **ev.timings,
+        },
+        "first_divergence": cmp.first_divergence,
+        "step_kl": [round(float(x), 6) for x in cmp.step_kl],
+    }
+
+
+def _print_text(s: dict) -> None:
+    f, e = s["full"], s["evicted"]
+    print(f"model {s['model']}  method {s['method']}  keep {s['keep_ratio']:.0%}  prompt {s['prompt_tokens']} tokens")
+    print(f"full KV   : {f['answer']!r}" + (f"  | follow-up: {f['followup']!r}" if f["followup"] is not None else ""))
+    print(f"evicted KV: {e['answer']!r}" + (f"  | follow-up: {e['followup']!r}" if e["followup"] is not None else ""))
+    print(f"KV bytes  : full {f['kv_bytes']:,}  kept {e['kv_bytes']:,} ({e['kv_bytes'] / max(f['kv_bytes'], 1):.1%})")
+    print(f"kept tokens per layer: {e['kept_tokens_per_layer']}")
+    for name, t in (("full", f), ("evicted", e)):
+        print(f"time {name:8s}: prefill {t['prefill_s'] * 1e3:.1f} ms  select {t['select_s'] * 1e3:.1f} ms  "
+              f"decode {t['decode_s'] * 1e3:.1f} ms  {t['tokens_per_s']:.1f} tokens/s")
+    div = s["first_divergence"]
+    print("answers identical" if div is None else f"answers diverge at generated token {div}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from . import POLICIES, CaptureOptions, LoadOptions, RunOptions, compare, load_model
+
+    if args.command == "methods":
+        for name, cls in sorted(POLICIES.items()):
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            print(f"{name:28s} {doc}")
+        return 0
+    try:
+        images = [load_image_file(p) for p in args.image]
+        model, processor = load_model(args.model, LoadOptions(args.device, args.dtype, trust_remote_code=args.trust_remote_code))
+        cmp = compare(
+            model, processor, images, args.question, args.method, args.keep,
+            options=RunOptions(max_new_tokens=args.max_new_tokens, protocol=args.protocol, followup=args.followup),
+            capture=CaptureOptions(), model_name=args.model,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = _summary(cmp)
+    if args.trace:
+        cmp.evicted.trace.save(args.trace)
+    if args.full_trace:
+        cmp.full.trace.save(args.full_trace)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_text(summary)
+        if args.trace:
+            print(f"trace written to {Path(args.trace)}")
+    return 0

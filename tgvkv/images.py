@@ -1,0 +1,61 @@
+"""Image intake shared by the CLI, the app and the evaluator: open, validate, normalise to RGB, bound the size."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_SIDE = 2048  # longer side above this is downscaled (aspect kept) before preprocessing
+MAX_PIXELS = 64_000_000  # refuse anything larger outright (decompression-bomb guard)
+MIN_SIDE = 2
+
+
+def normalise_image(image: Image.Image) -> Image.Image:
+    """RGB, EXIF-rotated, transparent areas composited on white, 16-bit scaled to 8-bit, longer side <= MAX_SIDE."""
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"expected an image, got {type(image).__name__}")
+    w, h = image.size
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"image is too large ({w}x{h} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels)")
+    if min(w, h) < MIN_SIDE:
+        raise ValueError(f"image is too small ({w}x{h} pixels)")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        image = Image.fromarray(a.astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("RGB")
+    if max(image.size) > MAX_SIDE:
+        scale = MAX_SIDE / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+    return image
+
+
+def load_image_bytes(data: bytes, name: str = "upload") -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ValueError(f"{name}: image is too large ({w}x{h} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels)")
+            im.load()
+            return normalise_image(im)
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name}: not a readable image ({type(e).__name__})") from e
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{name}: the image file is corrupt or truncated ({e})") from e
+
+
+def load_image_file(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image file not found: {path}")
+    return load_image_bytes(path.read_bytes(), path.name)
