@@ -78,6 +78,197 @@ def llava_geometry(config, processor, inputs, spans, image_sizes) -> tuple[list[
     return views, build_token_map(entries)
 
 
+# -- shared helpers for the families below -------------------------------------------------------------------------
+def _input_ids(inputs) -> np.ndarray:
+    ids = inputs["input_ids"]
+    ids = ids.cpu().numpy() if hasattr(ids, "cpu") else np.asarray(ids)
+    return ids[0] if ids.ndim == 2 else ids
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return list(x)
+
+
+def _positions_of(inputs, token_id: int | None) -> np.ndarray:
+    if token_id is None:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(_input_ids(inputs) == int(token_id)).astype(np.int64)
+
+
+def _take(positions: np.ndarray, counts: Sequence[int], what: str) -> list[np.ndarray]:
+    """Split `positions` (sorted) into consecutive groups of `counts`; the counts must account for all of them."""
+    if sum(counts) != len(positions):
+        raise ValueError(f"the prompt holds {len(positions)} {what} tokens but the geometry accounts for {sum(counts)}")
+    bounds = np.cumsum([0, *counts])
+    return [positions[bounds[i] : bounds[i + 1]] for i in range(len(counts))]
+
+
+def _grid_entries(positions: np.ndarray, image: int, view: int, rows: int, cols: int, newline: bool = False) -> list:
+    """Row-major grid tokens; with `newline`, each row is followed by one layout token (view -1)."""
+    per_row = cols + (1 if newline else 0)
+    if len(positions) != rows * per_row:
+        raise ValueError(f"view of {rows}x{cols}{' + newlines' if newline else ''} needs {rows * per_row} tokens, got {len(positions)}")
+    out = []
+    for k, p in enumerate(positions):
+        r, c = divmod(k, per_row)
+        out.append((int(p), image, view, r, c) if c < cols else (int(p), image, -1, -1, -1))
+    return out
+
+
+# -- LLaVA-NeXT / LLaVA-OneVision (anyres) ---------------------------------------------------------------------------
+def _unpadded_window(orig_hw: tuple[int, int], cur_h: int, cur_w: int) -> tuple[int, int, int, int]:
+    """Rows [r0, r1) and cols [c0, c1) of the (cur_h, cur_w) tile-mosaic feature grid that the model's `unpad_image`
+    keeps (run on a grid of its own row/col indices, so the modeling code itself decides)."""
+    import torch
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    rr, cc = torch.meshgrid(torch.arange(cur_h), torch.arange(cur_w), indexing="ij")
+    kept = unpad_image(torch.stack([rr, cc]), list(orig_hw))
+    return int(kept[0, 0, 0]), int(kept[0, -1, 0]) + 1, int(kept[1, 0, 0]), int(kept[1, 0, -1]) + 1
+
+
+def _mosaic_box(orig_hw, best_hw, window, cur_hw) -> tuple[float, float, float, float]:
+    """Region of the original image covered by feature rows/cols `window` of the canvas `best_hw` (pixels).
+
+    The image processor resizes the image to fit `best_hw` (aspect kept, `get_patch_output_size`) and pads it
+    centrally; a grid cell therefore maps back to the image through that resize and paste offset. Values can lie
+    slightly outside [0, 1] when `unpad_image`'s integer rounding keeps a sliver of padding.
+    """
+    h, w = orig_hw
+    bh, bw = best_hw
+    cur_h, cur_w = cur_hw
+    r0, r1, c0, c1 = window
+    scale_w, scale_h = bw / w, bh / h
+    if scale_w < scale_h:
+        new_w, new_h = bw, min(math.ceil(h * scale_w), bh)
+    else:
+        new_h, new_w = bh, min(math.ceil(w * scale_h), bw)
+    paste_y, paste_x = (bh - new_h) // 2, (bw - new_w) // 2
+    fy, fx = bh / cur_h, bw / cur_w  # canvas pixels per feature cell
+    return ((r0 * fy - paste_y) / new_h, (c0 * fx - paste_x) / new_w, (r1 * fy - paste_y) / new_h, (c1 * fx - paste_x) / new_w)
+
+
+def _anyres_image(config, orig_hw, image: int, max_patches: int | None, label: str):
+    """Views and (view-relative) token plan of one anyres image: base grid, then the unpadded mosaic + newlines."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    best_h, best_w = select_best_resolution(list(orig_hw), config.image_grid_pinpoints)
+    cur_h, cur_w = (best_h // vc.image_size) * side, (best_w // vc.image_size) * side
+    window = _unpadded_window(orig_hw, cur_h, cur_w)
+    rows, cols = window[1] - window[0], window[3] - window[2]
+    if max_patches is not None:  # OneVision anyres_max_N: bilinear downsampling of the unpadded mosaic
+        ratio = math.sqrt(rows * cols / (max_patches * side**2))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
+    base = ImageView(image_index=image, name=f"{label}base", rows=side, cols=side)
+    tiles = ImageView(image_index=image, name=f"{label}tiles", rows=rows, cols=cols,
+                      box=_mosaic_box(orig_hw, (best_h, best_w), window, (cur_h, cur_w)))
+    return base, tiles
+
+
+def _anyres_geometry(config, processor, inputs, image_sizes, max_patches: int | None, need_patching: list[bool], n_extra: int):
+    """Shared by LLaVA-NeXT and LLaVA-OneVision; token order verified against `pack_image_features`:
+    per image [extra (CLS) tokens] + base grid (side x side, row-major) + unpadded mosaic rows, each row followed by
+    one newline token; an image that is not patched (OneVision multi-image) is base grid + one newline."""
+    sizes = [tuple(int(v) for v in hw) for hw in _as_list(inputs.get("image_sizes"))]  # (H, W) per image
+    positions = _positions_of(inputs, config.image_token_id)
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    views: list[ImageView] = []
+    plans = []
+    for i, hw in enumerate(sizes):
+        label = "" if len(sizes) == 1 else f"image {i + 1} "
+        if need_patching[i]:
+            base, tiles = _anyres_image(config, hw, i, max_patches, label)
+            plans.append((base, tiles))
+        else:
+            plans.append((ImageView(image_index=i, name=f"{label}base", rows=side, cols=side), None))
+    counts = [n_extra + side * side + (t.rows * (t.cols + 1) if t is not None else 1) for _, t in plans]
+    entries: list = []
+    for i, (pos, (base, tiles)) in enumerate(zip(_take(positions, counts, "image"), plans)):
+        entries += [(int(p), i, -1, -1, -1) for p in pos[:n_extra]]
+        pos = pos[n_extra:]
+        views.append(base)
+        entries += _grid_entries(pos[: side * side], i, len(views) - 1, side, side)
+        rest = pos[side * side :]
+        if tiles is None:
+            entries += [(int(p), i, -1, -1, -1) for p in rest]
+        else:
+            views.append(tiles)
+            entries += _grid_entries(rest, i, len(views) - 1, tiles.rows, tiles.cols, newline=True)
+    return views, entries
+
+
+@register_geometry("llava_next")
+def llava_next_geometry(config, processor, inputs, spans, image_sizes) -> tuple[list[ImageView], VisionTokenMap]:
+    """LLaVA-NeXT: per image a base view (the whole image squashed to the tower's square input) and the high-res
+    view (tile mosaic of the best `image_grid_pinpoints` resolution, padding removed), a newline token per mosaic row."""
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    n_extra = 0 if strategy == "default" else int(getattr(processor, "num_additional_image_tokens", 0) or 0)
+    n = len(_as_list(inputs.get("image_sizes")))
+    views, entries = _anyres_geometry(config, processor, inputs, image_sizes, None, [True] * n, n_extra)
+    return views, build_token_map(entries)
+
+
+def _max_patches(config) -> int:
+    spec = getattr(config, "vision_aspect_ratio", "anyres_max_9")
+    return int(spec.strip("anyres_max_"))
+
+
+@register_geometry("llava_onevision")
+def llava_onevision_geometry(config, processor, inputs, spans, image_sizes) -> tuple[list[ImageView], VisionTokenMap]:
+    """LLaVA-OneVision: images as LLaVA-NeXT (mosaic downsampled to at most `anyres_max_N` base grids; several
+    images in one sample: base grid + newline only, per `batch_num_images`); videos: per frame a pooled grid
+    (ceil(side/2) squared, bilinear 2x pooling), one newline after the last frame. Video frames get
+    image_index = number of images + video index."""
+    n = len(_as_list(inputs.get("image_sizes")))
+    per_sample = [int(v) for v in _as_list(inputs.get("batch_num_images"))] or [1] * n
+    need = [k == 1 for k in per_sample for _ in range(k)] if sum(per_sample) == n else [True] * n
+    views, entries = _anyres_geometry(config, processor, inputs, image_sizes, _max_patches(config), need, 0) if n else ([], [])
+    videos = inputs.get("pixel_values_videos")
+    if videos is not None:
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        pooled = math.ceil(side / 2)
+        frames = [int(v.shape[0]) for v in videos]
+        vpos = _take(_positions_of(inputs, getattr(config, "video_token_id", None)), [f * pooled * pooled + 1 for f in frames], "video")
+        for v, (pos, n_frames) in enumerate(zip(vpos, frames)):
+            idx = n + v
+            for f in range(n_frames):
+                views.append(ImageView(image_index=idx, name=f"video {v + 1} frame {f + 1}", rows=pooled, cols=pooled))
+                entries += _grid_entries(pos[f * pooled * pooled : (f + 1) * pooled * pooled], idx, len(views) - 1, pooled, pooled)
+            entries.append((int(pos[-1]), idx, -1, -1, -1))
+    entries.sort()
+    return views, build_token_map(entries)
+
+
+# -- overlays ---------------------------------------------------------------------------------------------------------
+def kept_grids(layout, kept_positions) -> list[np.ndarray]:
+    """Per view of `layout`, a (rows, cols) bool grid: True where the token of that cell is among `kept_positions`.
+
+    Layout tokens (newlines, row/col tags: view -1) have no cell and are ignored. Works for any family's views.
+    """
+    m = layout.token_map
+    kept = np.isin(m.positions, np.asarray(kept_positions, dtype=np.int64))
+    grids = [np.zeros((v.rows, v.cols), dtype=bool) for v in layout.views]
+    for v, r, c, k in zip(m.view_index, m.row, m.col, kept):
+        if v >= 0:
+            grids[v][r, c] = k
+    return grids
+
+
+def cell_box(view: ImageView, row: int, col: int, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """Pixel rectangle (x0, y0, x1, y1) of the original (width, height) image that grid cell (row, col) shows."""
+    w, h = image_size
+    y0, x0, y1, x1 = view.box
+    ch, cw = (y1 - y0) / view.rows, (x1 - x0) / view.cols
+    return ((x0 + col * cw) * w, (y0 + row * ch) * h, (x0 + (col + 1) * cw) * w, (y0 + (row + 1) * ch) * h)
+
+
 def resolve_geometry(config, processor, inputs, spans, image_sizes) -> tuple[list[ImageView], VisionTokenMap]:
     model_type = getattr(config, "model_type", "")
     resolver = GEOMETRY.get(model_type)

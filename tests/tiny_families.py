@@ -1,0 +1,120 @@
+"""Tiny random-weight VLMs of several families, built from configs offline, with processors that load like hub ones.
+
+Every builder returns (model, processor). The processor is saved with `save_pretrained` into a temporary folder and
+loaded back with `AutoProcessor.from_pretrained`, exactly as a hub checkpoint's processor is. Sizes are tiny
+(hidden 32-64, 2-3 language layers, images of a few dozen pixels) so each forward takes milliseconds on one CPU thread.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoProcessor, PreTrainedTokenizerFast
+
+from tiny_models import LLAVA_TEMPLATE, WORDS
+
+EXTRA_WORDS = ["describe", "image", "this", "frame", "video", "compare", "images", "first", "second", "system:",
+               "you", "are", "helpful", "green", "yellow", "black", "white", "how", "many", "objects", "there"]
+
+
+def family_tokenizer(specials: list[str], bos: str | None = "<s>", eos: str = "</s>", pad: str = "<pad>",
+                     extra_vocab: list[str] = ()) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over WORDS + EXTRA_WORDS + `specials` (special tokens are matched inside words too)."""
+    words = list(dict.fromkeys([*WORDS, *EXTRA_WORDS, *extra_vocab, *[s for s in (bos, eos, pad) if s]]))
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    kw = {"eos_token": eos, "unk_token": "<unk>", "pad_token": pad}
+    if bos:
+        kw["bos_token"] = bos
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
+    fast.add_special_tokens({"additional_special_tokens": list(specials)})
+    return fast
+
+
+def reload_processor(processor):
+    """save_pretrained + AutoProcessor.from_pretrained, as for a hub checkpoint."""
+    with tempfile.TemporaryDirectory() as d:
+        processor.save_pretrained(d)
+        return AutoProcessor.from_pretrained(d)
+
+
+def _finish(model, tok, attn: str):
+    model = model.eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    return model
+
+
+def _llama(tok, layers: int, **kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
+
+
+def _qwen2(tok, layers: int, **kw):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
+
+
+# -- LLaVA-NeXT (anyres: base view + unpadded tile mosaic with a newline per row) ----------------------------------
+def tiny_llava_next(seed: int = 0, layers: int = 3, attn: str = "sdpa", image_size: int = 32, patch: int = 8,
+                    pinpoints=((32, 64), (64, 32), (64, 64))):
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+
+    torch.manual_seed(seed)
+    tok = family_tokenizer(["<image>"])
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch)
+    pins = [list(p) for p in pinpoints]
+    cfg = LlavaNextConfig(vision_config=vision, text_config=_llama(tok, layers), image_token_index=tok.convert_tokens_to_ids("<image>"),
+                          image_grid_pinpoints=pins, vision_feature_select_strategy="default", vision_feature_layer=-1)
+    model = _finish(LlavaNextForConditionalGeneration(cfg), tok, attn)
+    ip = LlavaNextImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                                 image_grid_pinpoints=pins)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    return model, reload_processor(proc)
+
+
+# -- LLaVA-OneVision (SigLIP, anyres_max_N, video frames pooled 2x2 + one newline) -----------------------------------
+ONEVISION_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}user: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<image> {% elif c['type'] == 'video' %}<video> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% else %}assistant: "
+    "{% for c in m['content'] %}{{ c['text'] }}{% endfor %} </s> {% endif %}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def tiny_onevision(seed: int = 0, layers: int = 3, attn: str = "sdpa", image_size: int = 32, patch: int = 8,
+                   pinpoints=((32, 32), (32, 64), (64, 32), (64, 64)), vision_aspect_ratio: str = "anyres_max_9"):
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
+                              LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor, SiglipVisionConfig)
+
+    torch.manual_seed(seed)
+    tok = family_tokenizer(["<image>", "<video>"])
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=image_size, patch_size=patch, vision_use_head=False)
+    pins = [list(p) for p in pinpoints]
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=_qwen2(tok, layers),
+                               image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>"),
+                               image_grid_pinpoints=pins, vision_feature_select_strategy="full", vision_feature_layer=-1,
+                               vision_aspect_ratio=vision_aspect_ratio)
+    model = _finish(LlavaOnevisionForConditionalGeneration(cfg), tok, attn)
+    ip = LlavaOnevisionImageProcessor(size={"height": image_size, "width": image_size}, image_grid_pinpoints=pins)
+    vp = LlavaOnevisionVideoProcessor(size={"height": image_size, "width": image_size})
+    n_tok = (image_size // patch) ** 2
+    proc = LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, num_image_tokens=n_tok,
+                                   vision_feature_select_strategy="full", vision_aspect_ratio=vision_aspect_ratio,
+                                   chat_template=ONEVISION_TEMPLATE)
+    return model, reload_processor(proc)
