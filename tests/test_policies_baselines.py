@@ -1,4 +1,4 @@
-"""Baselines (full, random, StreamingLLM, H2O, SnapKV, PyramidKV) and the registry: hand-computed cases, decode
+"""Baselines (full, random, StreamingLLM, H2O, SnapKV, PyramidKV, PrefixKV) and the registry: hand-computed cases, decode
 rules on hand-made rows, validation messages, and validity of every registered method under random inputs.
 
 Hand matrices are written in units of 1/8 (or 1/16) so every sum is exact in floating point.
@@ -242,9 +242,70 @@ def test_pyramidkv_selection_uses_snapkv_scores_per_layer():
     assert sel.kept[1].tolist() == [2, 5, 6, 7, 8, 9]  # sums 11 (5), 5 (2), 3 (7), then tie 2 (0, 6) -> 6
 
 
+# -- PrefixKV ----------------------------------------------------------------------------------------------------
+def one_hot(targets: list[int]) -> np.ndarray:
+    """Query q attends only to key targets[q] (<= q): column sums are integer counts."""
+    A = np.zeros((len(targets), len(targets)))
+    for q, k in enumerate(targets):
+        A[q, k] = 1.0
+    return A
+
+
+# T = 14, column sums (counts):
+#   layer 0: k0 = 8, k5 = 2, k8 = k10 = k12 = k13 = 1, rest 0   -> sorted cdf starts at 8/14 = .57
+#   layer 1: k0 = k1 = k4 = k5 = 2, k6..k10 = 1, k13 = 1, rest 0 -> cdf .14, .29, .43, .57, ...
+PREFIX_A = [one_hot([0] * 8 + [8, 5, 10, 5, 12, 13]), one_hot([0, 0, 1, 1, 4, 4, 5, 5, 6, 7, 8, 9, 10, 13])]
+
+
+def test_prefixkv_hand_case_threshold_search():
+    # keep 0.5: target = T * L * 0.5 = 14.  First bisection point m = 0.5: idx = [0, 3] (first cdf >= .5)
+    # c = T - (idx + 1) - (4 + 1) = [8, 5], sum 13, |13 - 14| < 5: stop.  Rescale: int(8 * 14/13) = 8, int(5 * 14/13) = 5
+    # layer 0 window 4..12 scores [0,2,0,0,1,0,1,0,1]: forget 8 keeps only k5
+    # layer 1 window scores [2,2,1,1,1,1,1,0,0]: forget 5 = k11, k12 (0) then k6, k7, k8 (ties: lower first)
+    sel = tgvkv.run_selection("prefixkv", PREFIX_A, [(4, 10)], 0.5)
+    assert sel.info["forget"].tolist() == [8, 5]
+    np.testing.assert_allclose(sel.info["layer_ratio"], [8 / 14, 5 / 14])
+    assert sel.kept[0].tolist() == [0, 1, 2, 3, 5, 13]
+    assert sel.kept[1].tolist() == [0, 1, 2, 3, 4, 5, 9, 10, 13]
+    assert sel.budgets.tolist() == [6, 9]
+    assert sel.info["decode_slot"].tolist() == [3, 4]  # kept - 25 < 1 -> kept // 2
+
+
+def test_prefixkv_hand_case_unreachable_target_rescaled_and_clipped():
+    # keep 0.25: target 21; the largest reachable total is 8 + 8 = 16 (|16 - 21| = 5 is not < 5), so the search
+    # converges to m -> 0 with c = [8, 8]; rescaled int(8 * 21/16) = 10 each, more than the 9-token window
+    sel = tgvkv.run_selection("prefixkv", PREFIX_A, [(4, 10)], 0.25)
+    assert sel.info["forget"].tolist() == [10, 10]
+    assert [k.tolist() for k in sel.kept] == [[0, 1, 2, 3, 13]] * 2
+
+
+def test_prefixkv_offline_layer_ratios():
+    # forget = round_half_even([0.25, 0.5] * 14) = [round(3.5) = 4, 7]
+    sel = tgvkv.run_selection("prefixkv", PREFIX_A, [(4, 10)], 0.5, layer_ratios=(0.25, 0.5))
+    assert sel.info["forget"].tolist() == [4, 7]
+    assert sel.kept[0].tolist() == [0, 1, 2, 3, 5, 8, 10, 11, 12, 13]  # zeros at 4, 6, 7, 9 go (11 survives)
+    assert sel.kept[1].tolist() == [0, 1, 2, 3, 4, 5, 13]
+    with pytest.raises(ValueError, match="layer_ratios has 3 entries but the model has 2 layers"):
+        tgvkv.select("prefixkv", PREFIX_A, [(4, 10)], 0.5, layer_ratios=(0.1, 0.2, 0.3))
+    with pytest.raises(ValueError, match="layer_ratios must be forget fractions"):
+        make_policy("prefixkv", layer_ratios=(0.5, 1.5))
+
+
+def test_prefixkv_decode_fixed_slot_with_truncation():
+    pol = make_policy("prefixkv", distance=-2)
+    sel = tgvkv.run_selection(pol, PREFIX_A, [(4, 10)], 0.5)
+    rule = pol.decode_rule(sel, tgvkv.TokenLayout.from_spans(14, [(4, 10)]))
+    assert rule.slots.tolist() == [4, 7]  # kept [6, 9] - 2
+    row = torch.full((7,), 1 / 7)
+    assert rule.victim(0, row, 7, 15) is None  # trunc(7 - 15 * 6/14) = trunc(0.57) = 0
+    v = rule.victim(0, torch.full((8,), 1 / 8), 8, 16)  # trunc(8 - 16 * 6/14) = trunc(1.14) = 1
+    assert int(v) == 4 and v.dtype == torch.long
+    assert make_policy("prefixkv", decode=False).decode_rule(sel, None) is None
+
+
 # -- registry and validation -------------------------------------------------------------------------------------
 def test_registry_lists_every_method():
-    expected = {"full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "tgv-kv", "tgv-ablation",
+    expected = {"full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "prefixkv", "tgv-kv", "tgv-ablation",
                 "tgv-uniform-window", "tgv-self-attn", "tgv-vv-tt", "tgv-tv-tt", "tgv-tvb-tv-tt",
                 "tgv-evict-text-first", "tgv-evict-vision-first"}
     assert set(POLICIES) == expected
@@ -253,7 +314,7 @@ def test_registry_lists_every_method():
 @pytest.mark.parametrize(
     "method, default",
     [("full", False), ("random", False), ("streamingllm", True), ("h2o", True), ("snapkv", False),
-     ("pyramidkv", False), ("tgv-kv", True), ("tgv-ablation", True), ("tgv-tv-tt", True)],
+     ("pyramidkv", False), ("prefixkv", True), ("tgv-kv", True), ("tgv-ablation", True), ("tgv-tv-tt", True)],
 )
 def test_decode_default_is_stated_and_selectable(method, default):
     cls = POLICIES[method]
@@ -273,6 +334,8 @@ def test_decode_default_is_stated_and_selectable(method, default):
         ("snapkv", {"window_size": 0}, "window_size must be an integer >= 1"),
         ("snapkv", {"pooling": "median"}, "pooling must be one of"),
         ("pyramidkv", {"beta": 0}, "beta must be an integer >= 1"),
+        ("prefixkv", {"distance": 0}, "distance must be a non-zero integer"),
+        ("prefixkv", {"tolerance": 0}, "tolerance must be an integer >= 1"),
         ("streamingllm", {"sinks": -1}, "sinks must be an integer >= 0"),
         ("random", {"seed": "x"}, "seed must be an integer"),
         ("random", {"decode": "yes"}, "decode must be True or False"),
@@ -284,13 +347,13 @@ def test_bad_options_raise(method, options, match):
 
 
 @pytest.mark.parametrize("keep", [0.0, -0.1, 1.01, float("nan"), "half"])
-@pytest.mark.parametrize("method", ["streamingllm", "h2o", "snapkv", "pyramidkv", "random", "full"])
+@pytest.mark.parametrize("method", ["streamingllm", "h2o", "snapkv", "pyramidkv", "prefixkv", "random", "full"])
 def test_bad_keep_ratio_raises(method, keep):
     with pytest.raises(ValueError, match="keep_ratio must be"):
         tgvkv.select(method, [sink_rows(6)], [(1, 3)], keep)
 
 
-@pytest.mark.parametrize("method", ["streamingllm", "h2o", "snapkv", "pyramidkv", "random", "full"])
+@pytest.mark.parametrize("method", ["streamingllm", "h2o", "snapkv", "pyramidkv", "prefixkv", "random", "full"])
 def test_span_outside_sequence_raises(method):
     with pytest.raises(ValueError, match="outside the sequence of 6 tokens"):
         tgvkv.select(method, [sink_rows(6)], [(4, 9)], 0.5)

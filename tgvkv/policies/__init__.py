@@ -7,6 +7,7 @@ from typing import Any
 from .base import DecodeRule, Policy, Selection, check_keep_ratio
 from .baselines import Full, RandomEviction
 from .h2o import H2O
+from .prefixkv import PrefixKV
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
@@ -15,7 +16,9 @@ from .tgv_kv import TGVKV
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
-    for cls in (TGVKV, Full, RandomEviction, StreamingLLM, H2O, SnapKV, PyramidKV, TGVAblation, *ABLATION_ROWS)
+    for cls in (
+        TGVKV, Full, RandomEviction, StreamingLLM, H2O, SnapKV, PyramidKV, PrefixKV, TGVAblation, *ABLATION_ROWS
+    )
 }
 
 
