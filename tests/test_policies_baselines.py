@@ -1,5 +1,5 @@
-"""Baselines (full, random, StreamingLLM, H2O, SnapKV, PyramidKV, PrefixKV) and the registry: hand-computed cases, decode
-rules on hand-made rows, validation messages, and validity of every registered method under random inputs.
+"""Baselines (full, random, StreamingLLM, H2O, SnapKV, PyramidKV, PrefixKV) and the registry: hand-computed cases,
+decode rules on hand-made rows, validation messages, and validity of every registered method under random inputs.
 
 Hand matrices are written in units of 1/8 (or 1/16) so every sum is exact in floating point.
 """
@@ -259,7 +259,8 @@ PREFIX_A = [one_hot([0] * 8 + [8, 5, 10, 5, 12, 13]), one_hot([0, 0, 1, 1, 4, 4,
 
 def test_prefixkv_hand_case_threshold_search():
     # keep 0.5: target = T * L * 0.5 = 14.  First bisection point m = 0.5: idx = [0, 3] (first cdf >= .5)
-    # c = T - (idx + 1) - (4 + 1) = [8, 5], sum 13, |13 - 14| < 5: stop.  Rescale: int(8 * 14/13) = 8, int(5 * 14/13) = 5
+    # c = T - (idx + 1) - (4 + 1) = [8, 5], sum 13, |13 - 14| < 5: stop.
+    # Rescale: int(8 * 14/13) = 8, int(5 * 14/13) = 5
     # layer 0 window 4..12 scores [0,2,0,0,1,0,1,0,1]: forget 8 keeps only k5
     # layer 1 window scores [2,2,1,1,1,1,1,0,0]: forget 5 = k11, k12 (0) then k6, k7, k8 (ties: lower first)
     sel = tgvkv.run_selection("prefixkv", PREFIX_A, [(4, 10)], 0.5)
@@ -399,7 +400,8 @@ def test_every_method_returns_valid_selections(case, method):
         assert all(set(range(min(4, T))) <= set(k.tolist()) and k[-1] == T - 1 for k in sel.kept)
         window = max(0, T - 5)
         np.testing.assert_array_equal(sel.budgets, T - np.minimum(sel.info["forget"], window))
-    assert tgvkv.select(method, list(A), spans, keep, **SMALL_WINDOWS.get(method, {}))[0].tolist() == sel.kept[0].tolist()
+    kept0 = tgvkv.select(method, list(A), spans, keep, **SMALL_WINDOWS.get(method, {}))[0]
+    assert kept0.tolist() == sel.kept[0].tolist()
 
 
 @FAST

@@ -95,7 +95,9 @@ class PrefixKV(Policy):
         if self.layer_ratios is not None:
             r = np.asarray(self.layer_ratios, dtype=np.float64)
             if r.ndim != 1 or r.size == 0 or not np.all((r >= 0) & (r < 1)):
-                raise ValueError(f"layer_ratios must be forget fractions in [0, 1), one per layer, got {self.layer_ratios!r}")
+                raise ValueError(
+                    f"layer_ratios must be forget fractions in [0, 1), one per layer, got {self.layer_ratios!r}"
+                )
             self.layer_ratios = tuple(float(x) for x in r)
         blocks.check_bool("decode", self.decode)
 
