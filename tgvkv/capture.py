@@ -118,7 +118,7 @@ def _head_mean_probs(module, query: torch.Tensor, key: torch.Tensor, allowed: to
     h_kv = key.shape[1]
     q = query.float().view(B, h_kv, H // h_kv, n, D)  # (B, H_kv, G, n, D)
     s = torch.einsum("bkgnd,bksd->bkgns", q, key.float()) * scaling  # (B, H_kv, G, n, S)
-    s = s.reshape(B, H, n, -1).masked_fill(~allowed, float("-inf"))
+    s = s.reshape(B, H, n, key.shape[2]).masked_fill(~allowed, float("-inf"))  # n may be 0
     return torch.softmax(s, dim=-1).mean(dim=1)  # (B, n, S)
 
 
