@@ -25,6 +25,9 @@ FAMILIES = {
     "llava_next": (tf.tiny_llava_next, [(60, 30)]),
     "llava_onevision": (tf.tiny_onevision, [(50, 40)]),
     "llava_next_2img": (tf.tiny_llava_next, [(60, 30), (30, 44)]),
+    "qwen2_vl": (tf.tiny_qwen2_vl, [(40, 24)]),
+    "qwen2_5_vl": (tf.tiny_qwen2_5_vl, [(24, 40)]),
+    "qwen2_vl_2img": (tf.tiny_qwen2_vl, [(40, 24), (16, 32)]),
 }
 
 
@@ -86,42 +89,64 @@ def test_sdpa_and_eager_paths_agree(family):
 
 
 def _capture_decode(model):
-    """Per decode forward of decoder layer 0: (position_ids, cos) as handed to the layer."""
-    seen: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+    """Per decode forward: (position_ids given to the language model (3-D for M-RoPE; None when it derives them),
+    position_ids given to decoder layer 0, RoPE cos given to decoder layer 0)."""
+    seen: list[tuple] = []
+    lm_ids: list = []
+
+    def lm_hook(module, args, kwargs):
+        pid = kwargs.get("position_ids")
+        lm_ids.append(None if pid is None else pid.detach().clone())
 
     def hook(module, args, kwargs):
         cos = kwargs["position_embeddings"][0]
         hs = kwargs.get("hidden_states", args[0] if args else None)
         if hs.shape[-2] == 1:
             pid = kwargs.get("position_ids")
-            seen.append((None if pid is None else pid.detach().clone(), cos.detach().clone()))
+            seen.append((lm_ids[-1], None if pid is None else pid.detach().clone(), cos.detach().clone()))
 
-    return seen, decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [model.get_decoder().register_forward_pre_hook(lm_hook, with_kwargs=True),
+               decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)]
+    return seen, handles
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("mode", ["generate", "teacher"])
 @pytest.mark.parametrize("protocol", ["official", "strict"])
 def test_decode_positions_unchanged_by_eviction(family, protocol, mode):
-    """model.generate on the evicting cache (free decoding) and manual forwards without position ids (teacher)."""
+    """model.generate on the evicting cache (free decoding) and manual forwards without position ids (teacher):
+    the positions (3-D M-RoPE ids included) and RoPE tables at keep 0.3 equal those at keep 1.0, and (official
+    protocol) those of plain `model.generate` on the same prompt."""
     name, model, proc, images = family
     runs = {}
     for keep in (1.0, 0.3):
-        seen, handle = _capture_decode(model)
+        seen, handles = _capture_decode(model)
         try:
             res = generate(model, proc, images, Q, "tgv-kv", keep, options=RunOptions(max_new_tokens=6, protocol=protocol),
                            teacher_tokens=[5, 6, 7, 8, 9, 10] if mode == "teacher" else None)
         finally:
-            handle.remove()
+            [h.remove() for h in handles]
         runs[keep] = (seen, res)
     full, evicted = runs[1.0][0], runs[0.3][0]
     n = min(len(full), len(evicted))
     assert n >= 3 and (mode == "generate" or len(full) == len(evicted))
+    for a, b in zip(full[:n], evicted[:n]):
+        assert all(_same(x, y) for x, y in zip(a, b))
     T = runs[1.0][1].trace.seq_len
-    for (pa, ca), (pb, cb) in zip(full[:n], evicted[:n]):
-        assert torch.equal(ca, cb)
-        if pa is not None or pb is not None:
-            assert torch.equal(pa, pb)
     assert runs[0.3][1].trace.cache_len_final.max() < T  # eviction really happened
+    if protocol == "official":  # ground truth: plain generate's decode steps use the same RoPE tables
+        seen, handles = _capture_decode(model)
+        try:
+            plain_generate(model, proc, images, Q, 6)
+        finally:
+            [h.remove() for h in handles]
+        for a, b in zip(seen[:n], full[:n]):
+            assert torch.equal(a[2], b[2])
 
 
 def test_every_vision_token_has_a_cell_or_is_a_layout_token(family):

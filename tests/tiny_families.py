@@ -118,3 +118,65 @@ def tiny_onevision(seed: int = 0, layers: int = 3, attn: str = "sdpa", image_siz
                                    vision_feature_select_strategy="full", vision_aspect_ratio=vision_aspect_ratio,
                                    chat_template=ONEVISION_TEMPLATE)
     return model, reload_processor(proc)
+
+
+# -- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dynamic resolution, 2x2 merged patches, 3-D M-RoPE) --------------------------
+QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|> {% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> "
+    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}"
+)
+
+
+def _qwen_tok():
+    return family_tokenizer(QWEN_SPECIALS, bos=None, eos="<|im_end|>", extra_vocab=["user:", "assistant:"])
+
+
+def _qwen_ids(tok) -> dict:
+    c = tok.convert_tokens_to_ids
+    return dict(image_token_id=c("<|image_pad|>"), video_token_id=c("<|video_pad|>"),
+                vision_start_token_id=c("<|vision_start|>"), vision_end_token_id=c("<|vision_end|>"))
+
+
+def _qwen_text(tok, layers: int, mrope=(2, 3, 3), **kw) -> dict:
+    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                "mrope_section": list(mrope)}, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, **kw)
+
+
+def _qwen_processors(patch: int, merge: int, temporal: int, image_cls, video_cls, min_pixels: int, max_pixels: int):
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    ip = image_cls(size=size, patch_size=patch, merge_size=merge, temporal_patch_size=temporal)
+    vp = video_cls(size=size, patch_size=patch, merge_size=merge, temporal_patch_size=temporal)
+    return ip, vp
+
+
+def tiny_qwen2_vl(seed: int = 0, layers: int = 3, attn: str = "sdpa", patch: int = 4, merge: int = 2):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    torch.manual_seed(seed)
+    tok = _qwen_tok()
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=patch, spatial_merge_size=merge,
+                  temporal_patch_size=2)
+    cfg = Qwen2VLConfig(vision_config=vision, text_config=_qwen_text(tok, layers), **_qwen_ids(tok))
+    model = _finish(Qwen2VLForConditionalGeneration(cfg), tok, attn)
+    ip, vp = _qwen_processors(patch, merge, 2, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, 8 * 8, 64 * 64)
+    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_TEMPLATE)
+    return model, reload_processor(proc)
+
+
+def tiny_qwen2_5_vl(seed: int = 0, layers: int = 3, attn: str = "sdpa", patch: int = 4, merge: int = 2):
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
+                              Qwen2VLVideoProcessor)
+
+    torch.manual_seed(seed)
+    tok = _qwen_tok()
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=patch,
+                  spatial_merge_size=merge, temporal_patch_size=2, window_size=patch * merge * 2, fullatt_block_indexes=[1])
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=_qwen_text(tok, layers), **_qwen_ids(tok))
+    model = _finish(Qwen2_5_VLForConditionalGeneration(cfg), tok, attn)
+    ip, vp = _qwen_processors(patch, merge, 2, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, 8 * 8, 64 * 64)
+    proc = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_TEMPLATE)
+    return model, reload_processor(proc)

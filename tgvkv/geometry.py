@@ -246,6 +246,42 @@ def llava_onevision_geometry(config, processor, inputs, spans, image_sizes) -> t
     return views, build_token_map(entries)
 
 
+# -- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dynamic resolution, merged patches) -----------------------------------------
+@register_geometry("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+def qwen_vl_geometry(config, processor, inputs, spans, image_sizes) -> tuple[list[ImageView], VisionTokenMap]:
+    """Qwen-VL: each image is resized as a whole (no crop) to a multiple of patch * merge and encoded as a grid of
+    `image_grid_thw` = (t, h, w) patches; every `spatial_merge_size`^2 block becomes one token, in row-major order
+    over the (h / merge, w / merge) merged grid (the order `get_rope_index` gives the M-RoPE height/width ids).
+    Videos: one view per temporal group of `temporal_patch_size` frames (`video_grid_thw`), views in time order;
+    Qwen3-VL puts timestamp text between frame groups, which is text, not vision. Video views get
+    image_index = number of images + video index."""
+    merge = int(config.vision_config.spatial_merge_size)
+    views: list[ImageView] = []
+    entries: list = []
+    grids = [tuple(int(x) for x in g) for g in _as_list(inputs.get("image_grid_thw"))]
+    counts = [t * (h // merge) * (w // merge) for t, h, w in grids]
+    image_pos = _take(_positions_of(inputs, config.image_token_id), counts, "image")
+    for i, ((t, h, w), pos) in enumerate(zip(grids, image_pos)):
+        rows, cols = h // merge, w // merge
+        for k in range(t):  # t == 1 for images
+            name = "image" if len(grids) == 1 else f"image {i + 1}"
+            views.append(ImageView(image_index=i, name=name if t == 1 else f"{name} t{k + 1}", rows=rows, cols=cols))
+            entries += _grid_entries(pos[k * rows * cols : (k + 1) * rows * cols], i, len(views) - 1, rows, cols)
+    vgrids = [tuple(int(x) for x in g) for g in _as_list(inputs.get("video_grid_thw"))]
+    if vgrids:
+        counts = [t * (h // merge) * (w // merge) for t, h, w in vgrids]
+        video_pos = _take(_positions_of(inputs, getattr(config, "video_token_id", None)), counts, "video")
+        tps = int(getattr(config.vision_config, "temporal_patch_size", 1) or 1)
+        for v, ((t, h, w), pos) in enumerate(zip(vgrids, video_pos)):
+            idx, rows, cols = len(grids) + v, h // merge, w // merge
+            for k in range(t):
+                frames = f"frame {k * tps + 1}" if tps == 1 else f"frames {k * tps + 1}-{(k + 1) * tps}"
+                views.append(ImageView(image_index=idx, name=f"video {v + 1} {frames}", rows=rows, cols=cols))
+                entries += _grid_entries(pos[k * rows * cols : (k + 1) * rows * cols], idx, len(views) - 1, rows, cols)
+    entries.sort()
+    return views, build_token_map(entries)
+
+
 # -- overlays ---------------------------------------------------------------------------------------------------------
 def kept_grids(layout, kept_positions) -> list[np.ndarray]:
     """Per view of `layout`, a (rows, cols) bool grid: True where the token of that cell is among `kept_positions`.
