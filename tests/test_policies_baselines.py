@@ -431,3 +431,86 @@ def test_fixed_budget_decode_keeps_the_cache_at_the_prefill_budget(case, method,
         if method == "streamingllm":
             s = int(sel.info["sinks"][l])
             assert slots[:s] == list(range(s))
+
+
+# -- every method through the engine (tiny random LLaVA, CPU) -------------------------------------------------------
+QUESTION = "what is the colour of the circle ?"
+ENGINE_OPTIONS = {"snapkv": {"window_size": 4}, "pyramidkv": {"window_size": 4}, "tgv-ablation": {"window_size": 4},
+                  "tgv-uniform-window": {"window_size": 4}, "prefixkv": {"distance": -3}}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """(model, processor, image, eager head-mean attention per layer, image spans) for one prompt."""
+    from tiny_models import random_image, tiny_llava
+
+    from tgvkv import hf_compat
+    from tgvkv.layout import contiguous_runs
+
+    model, proc = tiny_llava(seed=1)
+    img = random_image(21)
+    prompt = hf_compat.render_prompt(proc, QUESTION, 1)
+    inputs = hf_compat.process_inputs(proc, [img], prompt, torch.device("cpu"), torch.float32)
+    old = model.config.get_text_config(decoder=True)._attn_implementation
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.inference_mode():
+            out = model(**inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation({"text_config": old})
+    attentions = [a[0].mean(0) for a in out.attentions]
+    spans = contiguous_runs(inputs["input_ids"][0].numpy() == model.config.image_token_id)
+    return model, proc, img, attentions, spans
+
+
+def _run(engine, method, keep=0.3, options=None, diagnostics=True, **run):
+    from tgvkv.generation import CaptureOptions, RunOptions, generate
+
+    model, proc, img, _, _ = engine
+    opts = ENGINE_OPTIONS.get(method, {}) if options is None else options
+    return generate(model, proc, [img], QUESTION, method, keep, options=RunOptions(**run),
+                    capture=CaptureOptions(diagnostics=diagnostics), policy_options=opts)
+
+
+@pytest.mark.parametrize("method", sorted(POLICIES))
+def test_engine_selection_equals_pure_select(engine, method):
+    """SDPA capture in the engine, with and without diagnostics, selects what `tgvkv.select` does on eager maps."""
+    _, _, _, attentions, spans = engine
+    kept = [k.tolist() for k in tgvkv.select(method, attentions, spans, 0.3, **ENGINE_OPTIONS.get(method, {}))]
+    for diagnostics in (True, False):
+        tr = _run(engine, method, diagnostics=diagnostics, max_new_tokens=1).trace
+        assert [tr.kept_positions(l).tolist() for l in range(tr.num_layers)] == kept
+        assert tr.cache_len_final.tolist() == [len(k) for k in kept]
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("streamingllm", {}), ("h2o", {}), ("snapkv", {"window_size": 4, "decode": True}),
+     ("pyramidkv", {"window_size": 4, "decode": True}), ("random", {"decode": True, "seed": 2})],
+)
+def test_engine_fixed_budget_decode_keeps_prefill_budget(engine, method, options):
+    res = _run(engine, method, options=options, max_new_tokens=8)
+    tr = res.trace
+    assert tr.cache_len_final.tolist() == tr.budgets.tolist()  # one eviction per step once over budget
+    assert len(tr.decode_evictions) == max(0, len(res.token_ids) - 1) * tr.num_layers
+    if method == "streamingllm":  # the evicted positions are never sinks
+        assert np.all(tr.decode_evictions[:, 2] >= 4)
+
+
+@pytest.mark.parametrize("method", ["h2o", "streamingllm"])
+def test_engine_fixed_budget_decode_after_a_followup_turn(engine, method):
+    """A multi-token follow-up turn is appended whole; the rule still evicts one slot per later step, so the cache
+    stays above the prefill budget by the follow-up's length (H2O's accumulator grows by the whole turn)."""
+    res = _run(engine, method, max_new_tokens=8, followup="where is the square ?")
+    over = res.trace.cache_len_final - res.trace.budgets
+    assert np.all(over == over[0]) and over[0] > 0
+    assert res.followup_text is not None
+
+
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "random", "full"])
+def test_engine_prefill_only_methods_grow_during_decoding(engine, method):
+    res = _run(engine, method, max_new_tokens=6)
+    tr = res.trace
+    growth = tr.cache_len_final - tr.budgets
+    assert len(tr.decode_evictions) == 0
+    assert np.all(growth == growth[0]) and growth[0] == len(res.token_ids) - 1  # official protocol: last not fed
