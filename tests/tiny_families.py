@@ -180,3 +180,52 @@ def tiny_qwen2_5_vl(seed: int = 0, layers: int = 3, attn: str = "sdpa", patch: i
     ip, vp = _qwen_processors(patch, merge, 2, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, 8 * 8, 64 * 64)
     proc = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_TEMPLATE)
     return model, reload_processor(proc)
+
+
+# -- Idefics3 / SmolVLM (image splitting: sub-image tiles with <row_i_col_j> tags + a global image) -----------------
+IDEFICS_SPECIALS = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", "<video>"] + [
+    f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+IDEFICS_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+    "{% else %} {{ c['text'] }} {% endif %}{% endfor %}<end_of_utterance> {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def _idefics_parts(tok, layers: int, image_size: int, patch: int, scale: int, vision_cls):
+    vision = vision_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=image_size, patch_size=patch)
+    return vision, _llama(tok, layers)
+
+
+def tiny_idefics3(seed: int = 0, layers: int = 3, attn: str = "sdpa", image_size: int = 16, patch: int = 4, scale: int = 2,
+                  longest_edge: int = 32):
+    """Sub-images of 16 px (4x4 patches, pixel shuffle 2 -> 2x2 = 4 tokens); images resized to a 32 px longest edge."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor, Idefics3VisionConfig
+
+    torch.manual_seed(seed)
+    tok = family_tokenizer(IDEFICS_SPECIALS, extra_vocab=["user:", "assistant:"])
+    vision, text = _idefics_parts(tok, layers, image_size, patch, scale, Idefics3VisionConfig)
+    cfg = Idefics3Config(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale)
+    model = _finish(Idefics3ForConditionalGeneration(cfg), tok, attn)
+    ip = Idefics3ImageProcessor(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": image_size})
+    seq = (image_size // patch) ** 2 // scale**2
+    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=seq, chat_template=IDEFICS_TEMPLATE)
+    return model, reload_processor(proc)
+
+
+def tiny_smolvlm(seed: int = 0, layers: int = 3, attn: str = "sdpa", image_size: int = 16, patch: int = 4, scale: int = 2,
+                 longest_edge: int = 32):
+    """SmolVLM: the Idefics3 layout; its processor needs the `num2words` package (as the hub one does)."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
+    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+
+    torch.manual_seed(seed)
+    tok = family_tokenizer(IDEFICS_SPECIALS, extra_vocab=["user:", "assistant:"])
+    vision, text = _idefics_parts(tok, layers, image_size, patch, scale, SmolVLMVisionConfig)
+    cfg = SmolVLMConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale)
+    model = _finish(SmolVLMForConditionalGeneration(cfg), tok, attn)
+    ip = SmolVLMImageProcessor(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": image_size})
+    vp = SmolVLMVideoProcessor(size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size})
+    seq = (image_size // patch) ** 2 // scale**2
+    proc = SmolVLMProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, image_seq_len=seq, chat_template=IDEFICS_TEMPLATE)
+    return model, reload_processor(proc)

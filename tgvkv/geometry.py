@@ -7,11 +7,12 @@ resolver still get a layout (spans, budgets, eviction all work) but no overlay g
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .layout import ImageView, VisionTokenMap
+from .layout import ImageView, VisionTokenMap, contiguous_runs
 
 Resolver = Callable[..., tuple[list[ImageView], VisionTokenMap]]
 GEOMETRY: dict[str, Resolver] = {}
@@ -279,6 +280,50 @@ def qwen_vl_geometry(config, processor, inputs, spans, image_sizes) -> tuple[lis
                 views.append(ImageView(image_index=idx, name=f"video {v + 1} {frames}", rows=rows, cols=cols))
                 entries += _grid_entries(pos[k * rows * cols : (k + 1) * rows * cols], idx, len(views) - 1, rows, cols)
     entries.sort()
+    return views, build_token_map(entries)
+
+
+# -- Idefics3 / SmolVLM (image splitting) -------------------------------------------------------------------------
+_ROW_COL = re.compile(r"^<row_(\d+)_col_(\d+)>$")
+
+
+@register_geometry("idefics3", "smolvlm")
+def idefics3_geometry(config, processor, inputs, spans, image_sizes) -> tuple[list[ImageView], VisionTokenMap]:
+    """Idefics3 / SmolVLM: an image larger than the tower's input is resized to a multiple of it and cut into
+    rows x cols sub-images, each announced by a `<row_i_col_j>` text token, followed by the whole image squashed
+    to one sub-image after `<global-img>`. Each sub-image is side x side tokens after the pixel shuffle
+    (side = image_size / patch_size / scale_factor, row-major). Views per image: "tiles", the sub-images put
+    together as one (rows * side) x (cols * side) mosaic covering the whole image, and "global". The tags and
+    `<fake_token_around_image>` are text tokens (only `<image>` tokens are vision). The grid comes from the tags
+    the processor wrote into the prompt, so it is whatever the processor decided."""
+    vc = config.vision_config
+    side = (vc.image_size // vc.patch_size) // int(getattr(config, "scale_factor", 1) or 1)
+    ids = _input_ids(inputs)
+    runs = contiguous_runs(ids == int(config.image_token_id))
+    tok = getattr(processor, "tokenizer", processor)
+    tags = tok.convert_ids_to_tokens([int(ids[s - 1]) if s > 0 else -1 for s, _ in runs]) if runs else []
+    views: list[ImageView] = []
+    entries: list = []
+    image, pending = 0, []  # pending: (run, i, j) tiles of the current image
+    n_images = sum(1 for t in tags if not (t and _ROW_COL.match(t)))
+    for (s, e), tag in zip(runs, tags):
+        if e - s != side * side:
+            raise ValueError(f"an image run of {e - s} tokens does not match a {side}x{side} sub-image grid")
+        match = _ROW_COL.match(tag or "")
+        if match:
+            pending.append(((s, e), int(match.group(1)) - 1, int(match.group(2)) - 1))
+            continue
+        label = "" if n_images == 1 else f"image {image + 1} "
+        if pending:
+            rows, cols = max(p[1] for p in pending) + 1, max(p[2] for p in pending) + 1
+            views.append(ImageView(image_index=image, name=f"{label}tiles", rows=rows * side, cols=cols * side))
+            for (ts, te), i, j in pending:
+                entries += [(ts + k, image, len(views) - 1, i * side + k // side, j * side + k % side) for k in range(te - ts)]
+        views.append(ImageView(image_index=image, name=f"{label}global", rows=side, cols=side))
+        entries += _grid_entries(np.arange(s, e), image, len(views) - 1, side, side)
+        image, pending = image + 1, []
+    if pending:
+        raise ValueError("sub-image tiles without their global image in the prompt")
     return views, build_token_map(entries)
 
 
