@@ -11,7 +11,8 @@ from .prefixkv import PrefixKV
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
-from .tgv_ablations import ABLATION_ROWS, TGVAblation
+from .tgv_ablation_rows import ABLATION_ROWS
+from .tgv_ablations import TGVAblation
 from .tgv_kv import TGVKV
 
 POLICIES: dict[str, type[Policy]] = {
