@@ -367,13 +367,18 @@ SMALL_WINDOWS = {"snapkv": {"window_size": 3}, "pyramidkv": {"window_size": 3}, 
 
 @st.composite
 def random_case(draw):
+    """T, L, one or two image spans (always text after the first image), keep ratio, numpy seed."""
     T = draw(st.integers(6, 48))
     L = draw(st.integers(1, 4))
     start = draw(st.integers(0, T - 3))
     end = draw(st.integers(start + 1, T - 1))  # at least one text token after the image
+    spans = [(start, end)]
+    if end + 1 < T - 1 and draw(st.booleans()):  # a second image, separated by text
+        s2 = draw(st.integers(end + 1, T - 2))
+        spans.append((s2, draw(st.integers(s2 + 1, T))))
     keep = draw(st.floats(0.01, 1.0))
     seed = draw(st.integers(0, 2**32 - 1))
-    return T, L, [(start, end)], keep, seed
+    return T, L, spans, keep, seed
 
 
 @FAST
@@ -402,6 +407,17 @@ def test_every_method_returns_valid_selections(case, method):
         np.testing.assert_array_equal(sel.budgets, T - np.minimum(sel.info["forget"], window))
     kept0 = tgvkv.select(method, list(A), spans, keep, **SMALL_WINDOWS.get(method, {}))[0]
     assert kept0.tolist() == sel.kept[0].tolist()
+
+
+@pytest.mark.parametrize("method", ["full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "prefixkv"])
+def test_baselines_work_on_text_only_prompts(method):
+    A = random_attention(np.random.default_rng(1), 2, 12)
+    sel = tgvkv.run_selection(method, list(A), [], 0.5, **SMALL_WINDOWS.get(method, {}))
+    assert all(np.all(np.diff(k) > 0) and len(k) == b for k, b in zip(sel.kept, sel.budgets))
+    if method == "prefixkv":  # forget counts rescaled to the target 12 and truncated (at most 1 lost per layer)
+        assert 10 <= 24 - sel.budgets.sum() <= 12
+    else:
+        assert sel.budgets.sum() == (24 if method == "full" else 12)
 
 
 @FAST
