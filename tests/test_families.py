@@ -30,6 +30,8 @@ FAMILIES = {
     "qwen2_vl_2img": (tf.tiny_qwen2_vl, [(40, 24), (16, 32)]),
     "idefics3": (tf.tiny_idefics3, [(48, 16)]),
     "smolvlm": (tf.tiny_smolvlm, [(20, 36)]),
+    "gemma3": (tf.tiny_gemma3, [(48, 20)]),
+    "gemma3_2img": (tf.tiny_gemma3, [(48, 20), (20, 30)]),
 }
 NEEDS = {"smolvlm": "num2words"}  # SmolVLMProcessor imports it, as for hub checkpoints
 

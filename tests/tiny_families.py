@@ -22,8 +22,10 @@ EXTRA_WORDS = ["describe", "image", "this", "frame", "video", "compare", "images
 
 
 def family_tokenizer(specials: list[str], bos: str | None = "<s>", eos: str = "</s>", pad: str = "<pad>",
-                     extra_vocab: list[str] = ()) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over WORDS + EXTRA_WORDS + `specials` (special tokens are matched inside words too)."""
+                     extra_vocab: list[str] = (), named: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over WORDS + EXTRA_WORDS + `specials` (special tokens are matched inside words too).
+
+    named: model-specific special tokens exposed as attributes (e.g. Gemma 3's boi_token / boi_token_id)."""
     words = list(dict.fromkeys([*WORDS, *EXTRA_WORDS, *extra_vocab, *[s for s in (bos, eos, pad) if s]]))
     vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -31,8 +33,10 @@ def family_tokenizer(specials: list[str], bos: str | None = "<s>", eos: str = "<
     kw = {"eos_token": eos, "unk_token": "<unk>", "pad_token": pad}
     if bos:
         kw["bos_token"] = bos
+    if named:
+        kw["model_specific_special_tokens"] = dict(named)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
-    fast.add_special_tokens({"additional_special_tokens": list(specials)})
+    fast.add_special_tokens({"additional_special_tokens": list(specials)}, replace_extra_special_tokens=not named)
     return fast
 
 
@@ -228,4 +232,46 @@ def tiny_smolvlm(seed: int = 0, layers: int = 3, attn: str = "sdpa", image_size:
     vp = SmolVLMVideoProcessor(size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size})
     seq = (image_size // patch) ** 2 // scale**2
     proc = SmolVLMProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, image_seq_len=seq, chat_template=IDEFICS_TEMPLATE)
+    return model, reload_processor(proc)
+
+
+# -- Gemma 3 (SigLIP + avg-pooled soft tokens, bidirectional image attention, sliding-window layers) -----------------
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }} "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "<end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn>model {% endif %}"
+)
+
+
+def _gemma_tok():
+    from tokenizers import processors
+
+    specials = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    fast = family_tokenizer(specials, bos="<bos>", eos="<eos>", extra_vocab=["user", "model"], named=named)
+    bos = fast.convert_tokens_to_ids("<bos>")
+    # like Gemma's tokenizer: BOS is added to every encoded text (the chat template writes one too)
+    fast._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)])
+    return fast
+
+
+def tiny_gemma3(seed: int = 0, layers: int = 4, attn: str = "sdpa", image_size: int = 32, patch: int = 4, tokens_per_side: int = 4,
+                sliding_window: int = 8):
+    """SigLIP 8x8 patches avg-pooled to 4x4 = 16 soft tokens; language layers alternate sliding / full attention."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    tok = _gemma_tok()
+    c = tok.convert_tokens_to_ids
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=image_size, patch_size=patch, vision_use_head=False)
+    text = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=sliding_window,
+                            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+                            bos_token_id=c("<bos>"), eos_token_id=c("<eos>"), pad_token_id=c("<pad>"))
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_side**2, boi_token_index=c("<start_of_image>"),
+                       eoi_token_index=c("<end_of_image>"), image_token_index=c("<image_soft_token>"))
+    model = _finish(Gemma3ForConditionalGeneration(cfg), tok, attn)
+    ip = Gemma3ImageProcessor(size={"height": image_size, "width": image_size})
+    proc = Gemma3Processor(image_processor=ip, tokenizer=tok, chat_template=GEMMA_TEMPLATE, image_seq_length=tokens_per_side**2)
     return model, reload_processor(proc)

@@ -27,6 +27,7 @@ class EvictingCache(DynamicCache):
         self.decode_rule: DecodeRule | None = None
         self.recorder: Recorder | None = None  # source of decode-time attention rows
         self._evictions: list[tuple[int, int, torch.Tensor]] = []  # (logical length, layer, position tensor)
+        self._spill: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # sliding layer -> K/V of the slot last pushed out
 
     # -- lengths -----------------------------------------------------------------------------------------------
     def _grow_to(self, layer_idx: int) -> None:
@@ -47,7 +48,8 @@ class EvictingCache(DynamicCache):
         return self.layers[layer_idx].get_seq_length()
 
     def physical_lengths(self) -> list[int]:
-        return [layer.get_seq_length() for layer in self.layers]
+        """Slots held per layer (a sliding-window layer's get_seq_length() is its logical length, not its size)."""
+        return [layer.keys.shape[-2] if getattr(layer, "is_initialized", False) and layer.keys is not None else 0 for layer in self.layers]
 
     def evictable(self, layer_idx: int) -> bool:
         """Sliding-window layers (Gemma 3, ...) manage their own window; only full-attention layers are evicted."""
@@ -65,8 +67,12 @@ class EvictingCache(DynamicCache):
         self.slot_positions[layer_idx] = new_pos if old is None else torch.cat([old, new_pos])
         self.logical_lengths[layer_idx] += n_new
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if getattr(self.layers[layer_idx], "is_sliding", False):
-            self.slot_positions[layer_idx] = self.slot_positions[layer_idx][-keys.shape[-2] :]
+        layer = self.layers[layer_idx]
+        if getattr(layer, "is_sliding", False):
+            held = layer.keys.shape[-2]
+            self.slot_positions[layer_idx] = self.slot_positions[layer_idx][-held:]
+            if keys.shape[-2] > held:  # the slot that just left the window: drop_last() needs it back
+                self._spill[layer_idx] = (keys[..., -held - 1 : -held, :].clone(), values[..., -held - 1 : -held, :].clone())
         return keys, values
 
     # -- eviction ----------------------------------------------------------------------------------------------
@@ -98,9 +104,14 @@ class EvictingCache(DynamicCache):
             if self.evictable(l):
                 keep = torch.nonzero(self.slot_positions[l] != last).flatten()
                 self.keep_slots(l, keep)
-            else:
-                layer.keys, layer.values = layer.keys[..., :-1, :].clone(), layer.values[..., :-1, :].clone()
-                self.slot_positions[l] = self.slot_positions[l][:-1]
+            else:  # sliding window: the slot that left the window when the newest token came in comes back
+                keys, values, pos = layer.keys[..., :-1, :], layer.values[..., :-1, :], self.slot_positions[l][:-1]
+                spill = self._spill.pop(l, None)
+                if spill is not None:
+                    keys, values = torch.cat([spill[0], keys], dim=-2), torch.cat([spill[1], values], dim=-2)
+                    pos = torch.cat([pos[:1] - 1, pos]) if len(pos) else pos
+                layer.keys, layer.values = keys.clone(), values.clone()
+                self.slot_positions[l] = pos
                 if hasattr(layer, "cumulative_length"):
                     layer.cumulative_length -= 1
             self.logical_lengths[l] = last

@@ -21,7 +21,8 @@ from .capture import Recorder, recording
 from .geometry import resolve_geometry
 from .layout import TokenLayout, contiguous_runs
 from .policies import Policy, Selection, check_keep_ratio, make_policy
-from .stats import StatRequest, column_positions
+from .policies.base import DecodeRule
+from .stats import PrefillStats, StatRequest, column_positions
 from .trace import TEXT, VISION, Trace
 
 MAX_NEW_TOKENS_LIMIT = 1024
@@ -197,7 +198,8 @@ def generate(
     # 2. pure selection, 3. eviction
     t1 = time.perf_counter()
     stats = recorder.prefill_stats(L, T)
-    selection = pol.select(stats, layout, keep_ratio) if pol is not None else _keep_all(L, T)
+    evictable = np.array([cache.evictable(l) for l in range(L)])
+    selection, layer_selection = _select(pol, stats, layout, keep_ratio, evictable) if pol is not None else (_keep_all(L, T), None)
     timings["select_s"] = time.perf_counter() - t1
     kv_full = cache.kv_bytes()
     cache.keep_positions(selection.kept)
@@ -233,7 +235,7 @@ def generate(
     del stats
 
     # 4. decode
-    rule = pol.decode_rule(selection, layout) if pol is not None else None
+    rule = _decode_rule(pol, layer_selection, layout, evictable) if pol is not None else None
     decode_rec = Recorder(decode=rule is not None)
     cache.decode_rule, cache.recorder = rule, decode_rec
     generator = torch.Generator(device=device).manual_seed(opts.seed) if opts.do_sample else None
@@ -276,6 +278,62 @@ def generate(
     timings["decode_tokens_per_s"] = (n_new - 1) / timings["decode_s"] if n_new > 1 and timings["decode_s"] > 0 else 0.0
     trace.timings = timings
     return Result(text=trace.output_text, token_ids=trace.output_ids, trace=trace, step_logits=step_logits, followup_text=trace.followup_text)
+
+
+def _select(pol: Policy, stats: PrefillStats, layout: TokenLayout, keep_ratio: float, evictable: np.ndarray) -> tuple[Selection, Selection]:
+    """The policy's selection over the evictable layers only (sliding-window layers of hybrid models such as Gemma 3
+    keep their own window and are never evicted): budgets are shared among the full-attention layers, as if the
+    model had only those. Returns (selection over all L layers, the policy's own selection over evictable layers);
+    a non-evictable layer keeps every position, with NaN scores and NaN / -1 in per-layer info arrays."""
+    if evictable.all():
+        sel = pol.select(stats, layout, keep_ratio)
+        return sel, sel
+    idx = np.flatnonzero(evictable)
+    if len(idx) == 0:
+        raise ValueError("the model has no full-attention layer to evict")
+    sub_stats = PrefillStats(
+        rows=stats.rows[idx],
+        query_positions=stats.query_positions,
+        column_sums=None if stats.column_sums is None else stats.column_sums[idx],
+        column_mask=stats.column_mask,
+    )
+    sub = pol.select(sub_stats, layout, keep_ratio)
+    L, T = len(evictable), layout.seq_len
+    kept, budgets, scores = [np.arange(T)] * L, np.full(L, T, dtype=np.int64), np.full((L, T), np.nan)
+    for j, l in enumerate(idx):
+        kept[l], budgets[l], scores[l] = sub.kept[j], sub.budgets[j], sub.scores[j]
+    info = {}
+    for k, v in sub.info.items():
+        v = np.asarray(v)
+        if v.ndim >= 1 and v.shape[0] == len(idx):
+            full = np.full((L, *v.shape[1:]), np.nan if v.dtype.kind == "f" else -1, dtype=v.dtype if v.dtype.kind in "fi" else float)
+            full[idx] = v
+            v = full
+        info[k] = v
+    info["evictable_layers"] = evictable.copy()
+    return Selection(kept=kept, budgets=budgets, scores=scores, info=info), sub
+
+
+@dataclass
+class _LayerSubsetRule(DecodeRule):
+    """A policy's decode rule made for the evictable layers only, addressed with the model's layer indices."""
+
+    inner: DecodeRule
+    index: dict[int, int]  # model layer -> index in the policy's selection
+
+    def victim(self, layer, attn_row, cache_len, logical_len):
+        j = self.index.get(layer)
+        return None if j is None else self.inner.victim(j, attn_row, cache_len, logical_len)
+
+    def evicted(self, layer, slot):
+        self.inner.evicted(self.index[layer], slot)
+
+
+def _decode_rule(pol: Policy, layer_selection: Selection, layout: TokenLayout, evictable: np.ndarray) -> DecodeRule | None:
+    rule = pol.decode_rule(layer_selection, layout)
+    if rule is None or evictable.all():
+        return rule
+    return _LayerSubsetRule(rule, {int(l): j for j, l in enumerate(np.flatnonzero(evictable))})
 
 
 def _keep_all(L: int, T: int) -> Selection:

@@ -327,6 +327,64 @@ def idefics3_geometry(config, processor, inputs, spans, image_sizes) -> tuple[li
     return views, build_token_map(entries)
 
 
+# -- Gemma 3 ------------------------------------------------------------------------------------------------------
+def _pan_and_scan_boxes(size: tuple[int, int], n: int) -> list[tuple[float, float, float, float]]:
+    """Boxes of Gemma 3's pan-and-scan crops: n equal crops (ceil size) along the longer side of a (w, h) image."""
+    w, h = size
+    if w >= h:
+        cw = math.ceil(w / n)
+        return [(0.0, k * cw / w, 1.0, min((k + 1) * cw, w) / w) for k in range(n)]
+    ch = math.ceil(h / n)
+    return [(k * ch / h, 0.0, min((k + 1) * ch, h) / h, 1.0) for k in range(n)]
+
+
+def _gemma_crops(processor, inputs, image_sizes, n_runs: int) -> list[int]:
+    """Pan-and-scan crops per image: from `num_crops` if the inputs kept it, else none when there is one run per
+    image, else the image processor's own `pan_and_scan_batched` at its defaults (it only needs the image size)."""
+    n_images = max(len(image_sizes), 1)
+    given = _as_list(inputs.get("num_crops"))
+    if given:
+        return [int(c) for row in given for c in (row if isinstance(row, list) else [row])]
+    if n_runs == n_images:
+        return [0] * n_images
+    if n_images == 1:
+        return [n_runs - 1]
+    ip = getattr(processor, "image_processor", None)
+    try:
+        import torch
+
+        crops = [len(ip.pan_and_scan_batched(torch.empty(1, 3, h, w), ip.pan_and_scan_min_crop_size, ip.pan_and_scan_max_num_crops,
+                                             ip.pan_and_scan_min_ratio_to_activate)) for w, h in image_sizes]
+    except Exception as e:  # noqa: BLE001 - any failure means we cannot tell the crops apart
+        raise ValueError(f"cannot split {n_runs} Gemma 3 image sequences among {n_images} images (pan and scan): {e}") from e
+    if sum(crops) + n_images != n_runs:
+        raise ValueError(f"cannot split {n_runs} Gemma 3 image sequences among {n_images} images (pan and scan)")
+    return crops
+
+
+@register_geometry("gemma3")
+def gemma3_geometry(config, processor, inputs, spans, image_sizes) -> tuple[list[ImageView], VisionTokenMap]:
+    """Gemma 3: each image is squashed to the SigLIP input and avg-pooled to `mm_tokens_per_image` soft tokens,
+    a square grid in row-major order, between <start_of_image> and <end_of_image> (text tokens). Only the soft
+    tokens (`config.image_token_id`; the processor's `image_token_id` is <start_of_image>) are vision.
+    Pan and scan (`num_crops` in the inputs): the whole image first, then its crops, one view each."""
+    side = math.isqrt(int(config.mm_tokens_per_image))
+    if side * side != int(config.mm_tokens_per_image):
+        raise ValueError(f"mm_tokens_per_image={config.mm_tokens_per_image} is not a square grid")
+    positions = _positions_of(inputs, config.image_token_id)
+    per_image = [1 + c for c in _gemma_crops(processor, inputs, image_sizes, len(positions) // (side * side))]
+    pos = _take(positions, [n * side * side for n in per_image], "image")
+    views: list[ImageView] = []
+    entries: list = []
+    for i, (p, n) in enumerate(zip(pos, per_image)):
+        label = "image" if len(per_image) == 1 else f"image {i + 1}"
+        boxes = [(0.0, 0.0, 1.0, 1.0)] + (_pan_and_scan_boxes(image_sizes[i], n - 1) if n > 1 else [])
+        for k, box in enumerate(boxes):
+            views.append(ImageView(image_index=i, name=label if k == 0 else f"{label} crop {k}", rows=side, cols=side, box=box))
+            entries += _grid_entries(p[k * side * side : (k + 1) * side * side], i, len(views) - 1, side, side)
+    return views, build_token_map(entries)
+
+
 # -- overlays ---------------------------------------------------------------------------------------------------------
 def kept_grids(layout, kept_positions) -> list[np.ndarray]:
     """Per view of `layout`, a (rows, cols) bool grid: True where the token of that cell is among `kept_positions`.

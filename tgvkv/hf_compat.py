@@ -97,9 +97,19 @@ def followup_suffix(processor: Any, question: str, n_images: int, answer: str, f
     return after[len(before) :]
 
 
+def template_has_bos(processor: Any, prompt: str) -> bool:
+    """True when the rendered prompt already starts with the tokenizer's BOS token."""
+    bos = getattr(getattr(processor, "tokenizer", processor), "bos_token", None)
+    return bool(bos) and prompt.startswith(bos)
+
+
 def process_inputs(processor: Any, images: Sequence[Image.Image], prompt: str, device: torch.device, dtype: torch.dtype):
-    """Tokenise the prompt and preprocess the images; floating tensors are cast to the model dtype."""
-    inputs = processor(images=list(images) if images else None, text=prompt, return_tensors="pt")
+    """Tokenise the prompt and preprocess the images; floating tensors are cast to the model dtype.
+
+    A chat template that already writes the BOS token (Gemma 3) must not get a second one from the tokenizer.
+    """
+    kw = {"add_special_tokens": False} if template_has_bos(processor, prompt) else {}
+    inputs = processor(images=list(images) if images else None, text=prompt, return_tensors="pt", **kw)
     out = {}
     for k, v in inputs.items():
         if isinstance(v, torch.Tensor):
