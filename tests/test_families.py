@@ -28,6 +28,7 @@ FAMILIES = {
     "qwen2_vl": (tf.tiny_qwen2_vl, [(40, 24)]),
     "qwen2_5_vl": (tf.tiny_qwen2_5_vl, [(24, 40)]),
     "qwen2_vl_2img": (tf.tiny_qwen2_vl, [(40, 24), (16, 32)]),
+    "qwen3_vl": (tf.tiny_qwen3_vl, [(40, 24)]),
     "idefics3": (tf.tiny_idefics3, [(48, 16)]),
     "smolvlm": (tf.tiny_smolvlm, [(20, 36)]),
     "gemma3": (tf.tiny_gemma3, [(48, 20)]),

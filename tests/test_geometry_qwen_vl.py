@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL: merged-patch grids checked against the model's own M-RoPE ids, and 3-D decode positions.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL: merged-patch grids checked against the model's own M-RoPE ids, and 3-D decode positions.
 
 `get_rope_index` gives every image token a (t, h, w) rotary id; h and w minus the image's first id are exactly the
 token's row and column in the merged grid, so the resolver is verified by the modeling code itself.
@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 Q = "what is the colour of the circle ?"
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def qwen(request):
     return getattr(tf, f"tiny_{request.param}")()
 

@@ -275,3 +275,20 @@ def tiny_gemma3(seed: int = 0, layers: int = 4, attn: str = "sdpa", image_size: 
     ip = Gemma3ImageProcessor(size={"height": image_size, "width": image_size})
     proc = Gemma3Processor(image_processor=ip, tokenizer=tok, chat_template=GEMMA_TEMPLATE, image_seq_length=tokens_per_side**2)
     return model, reload_processor(proc)
+
+
+def tiny_qwen3_vl(seed: int = 0, layers: int = 3, attn: str = "sdpa", patch: int = 4, merge: int = 2):
+    """Qwen3-VL: interleaved M-RoPE, deepstack visual features added to the first language layers."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    torch.manual_seed(seed)
+    tok = _qwen_tok()
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=patch,
+                  spatial_merge_size=merge, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    text = _qwen_text(tok, layers, head_dim=16)
+    text["rope_parameters"]["mrope_interleaved"] = True
+    cfg = Qwen3VLConfig(vision_config=vision, text_config=text, **_qwen_ids(tok))
+    model = _finish(Qwen3VLForConditionalGeneration(cfg), tok, attn)
+    ip, vp = _qwen_processors(patch, merge, 2, Qwen2VLImageProcessor, Qwen3VLVideoProcessor, 8 * 8, 64 * 64)
+    proc = Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_TEMPLATE)
+    return model, reload_processor(proc)
