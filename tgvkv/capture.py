@@ -45,6 +45,9 @@ class Recorder:
     column_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (len(column_positions),)
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (T, T) float16
     decode_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (S,) float32, newest step
+    # batched decoding (tgvkv.batch): layer -> (B, S) bool, which key slots of that layer hold a token of each sample
+    # (per-layer padding); applied on top of the model's mask by the "tgvkv" function. Empty: no effect.
+    key_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def prefill_stats(self, num_layers: int, seq_len: int) -> PrefillStats:
         missing = [l for l in range(num_layers) if l not in self.rows]
@@ -97,6 +100,15 @@ def _fit_mask(mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tenso
     if mask.dtype == torch.bool:
         return allowed
     return torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
+def _with_key_mask(mask: torch.Tensor | None, key_mask: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
+    """(B, 1, q, kv) bool: `mask` (or lower-right causal when None) AND the per-sample slot validity `key_mask` (B, kv)."""
+    allowed = key_mask[:, None, None, :kv_len]  # (B, 1, 1, kv)
+    if q_len > 1 or mask is not None:
+        q_idx = torch.arange(q_len, device=key_mask.device)
+        allowed = allowed & _allowed(mask, q_idx, q_len, kv_len)
+    return allowed
 
 
 def _allowed(mask: torch.Tensor | None, q_idx: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
@@ -206,6 +218,8 @@ def tgvkv_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0,
     rec = _ACTIVE.get()
     q_len, kv_len = query.shape[2], key.shape[2]
     attention_mask = _fit_mask(attention_mask, q_len, kv_len)
+    if rec is not None and rec.key_masks and module.layer_idx in rec.key_masks:
+        attention_mask = _with_key_mask(attention_mask, rec.key_masks[module.layer_idx], q_len, kv_len)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     prefill = rec is not None and q_len > 1 and q_len == kv_len
     if prefill and rec.column_positions is not None and attention_mask is None and not module.training:
