@@ -1,0 +1,412 @@
+"""Train the demo VLM from scratch on the synthetic scene task (CPU friendly, reproducible from a seed).
+
+    python -m tgvkv.demo.train --out assets/demo-vlm
+
+Throughput comes from *packing*: one row holds one image and several independent conversations about it
+("USER: <image> Q ASSISTANT: A</s>[USER: Q2 ASSISTANT: A2</s>]"). A 4-D attention mask lets each
+conversation see only the image prefix and itself, and its position ids restart right after the image, so
+every conversation is computed exactly as the unpacked sequence that the chat template and the processor
+produce at inference. The loss is on answer tokens (and their ``</s>``) only.
+
+Validation is teacher-forced exact match on a fixed validation set: a greedy decode reproduces the
+reference answer exactly iff the arg-max at every answer position (including ``</s>``) equals the
+reference token, so this equals greedy exact-match accuracy at the cost of one forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from . import scenes
+from .build import IMAGE_TOKEN, N_IMAGE_TOKENS, ModelSpec, build_model, build_processor
+
+log = logging.getLogger("tgvkv.demo.train")
+
+
+@dataclass
+class TrainConfig:
+    out: str = "assets/demo-vlm"
+    seed: int = 0
+    steps: int = 6000
+    images_per_step: int = 16  # rows per batch
+    pieces_per_image: int = 8  # conversations packed per row
+    followup_prob: float = 0.5  # share of conversations with a second turn
+    lr: float = 6e-4
+    warmup: int = 200
+    decay_frac: float = 0.25  # linear decay to 10% of lr over the last 25% of steps
+    weight_decay: float = 0.05
+    clip: float = 1.0
+    one_object_frac: float = 0.0  # curriculum: share of 1-object scenes during the first `curriculum_steps`
+    curriculum_steps: int = 0
+    describe_weight: float = 2.0  # sampling weight of the describe type (others 1)
+    val_every: int = 250
+    val_n: int = 700
+    save_every: int = 500
+    threads: int = 2
+    max_minutes: float = 0.0  # stop (and save) after this wall-clock time; 0 = no limit
+    pos_init: str = "sincos"  # initial CLIP patch position embeddings: "sincos" (2-D, row/column) or "random"
+    pos_scale: float = 0.1  # amplitude of the 2-D sin-cos initialisation
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token sequences (identical to what the chat template + processor produce; checked in tests)
+
+
+def conversation_tokens(qa: scenes.QA, followup: bool) -> tuple[list[str], list[str]]:
+    """Words after ``<image>`` for a one- or two-turn conversation, and the matching answer mask words."""
+    words = qa.question.split() + ["assistant", ":"]
+    is_ans = [False] * len(words)
+    for ans, last in ((qa.answer, not followup), (qa.followup_answer, True)):
+        a = ans.split() + ["</s>"]
+        words += a
+        is_ans += [True] * len(a)
+        if last:
+            break
+        q = ["user", ":"] + qa.followup_question.split() + ["assistant", ":"]
+        words += q
+        is_ans += [False] * len(q)
+    return words, is_ans
+
+
+def conversation_messages(qa: scenes.QA, followup: bool) -> list[dict]:
+    """The chat messages of :func:`conversation_tokens` (for the chat template)."""
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qa.question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": qa.answer}]},
+    ]
+    if followup:
+        msgs += [
+            {"role": "user", "content": [{"type": "text", "text": qa.followup_question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": qa.followup_answer}]},
+        ]
+    return msgs
+
+
+PREFIX = ["user", ":"]  # words before <image>
+
+
+class Packer:
+    """Turns (image, conversations) groups into padded tensors with a 4-D block mask."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.vocab = self.tok.get_vocab()
+        self.image_id = self.vocab[IMAGE_TOKEN]
+        self.pad_id = self.tok.pad_token_id
+        self.prefix_ids = [self.vocab[w] for w in PREFIX] + [self.image_id] * N_IMAGE_TOKENS
+
+    def ids(self, words: list[str]) -> list[int]:
+        return [self.vocab[w] for w in words]
+
+    def pack(self, groups):
+        """``groups``: list of (PIL image, [(words, is_answer, tag), ...]). Returns a batch dict.
+
+        ``tag`` marks which answer span a token belongs to (for per-question accuracy); -1 = no answer.
+        """
+        import torch
+
+        n0 = len(self.prefix_ids)
+        rows, segs, tags = [], [], []
+        for _, convs in groups:
+            ids, seg, tag = list(self.prefix_ids), [0] * n0, [-1] * n0
+            for k, (words, is_ans, t) in enumerate(convs):
+                ids += self.ids(words)
+                seg += [k + 1] * len(words)
+                tag += [t if a else -1 for a in is_ans]
+            rows.append(ids)
+            segs.append(seg)
+            tags.append(tag)
+        L = max(map(len, rows))
+        B = len(rows)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        seg_t = torch.full((B, L), -1, dtype=torch.long)
+        tag_t = torch.full((B, L), -1, dtype=torch.long)
+        pos = torch.zeros((B, L), dtype=torch.long)
+        for b, (ids, seg, tag) in enumerate(zip(rows, segs, tags)):
+            n = len(ids)
+            input_ids[b, :n] = torch.tensor(ids)
+            seg_t[b, :n] = torch.tensor(seg)
+            tag_t[b, :n] = torch.tensor(tag)
+            p, last = [], None
+            for s in seg:
+                if s == 0:
+                    p.append(len(p))
+                else:
+                    p.append(n0 if s != last else p[-1] + 1)
+                last = s
+            pos[b, :n] = torch.tensor(p)
+        # (B, 1, L, L): causal, and a conversation sees only the image prefix and itself
+        i = torch.arange(L)
+        causal = i[None, :] <= i[:, None]
+        same = (seg_t[:, :, None] == seg_t[:, None, :]) | (seg_t[:, None, :] == 0)
+        allowed = causal[None] & same & (seg_t[:, None, :] >= 0)
+        allowed |= torch.eye(L, dtype=torch.bool)[None]  # pad rows attend to themselves (no NaN)
+        mask = torch.zeros((B, 1, L, L), dtype=torch.float32)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+        # labels: token t is predicted from position t-1
+        labels = torch.full((B, L), -100, dtype=torch.long)
+        ans = tag_t >= 0
+        labels[ans] = input_ids[ans]
+        pixel_values = self.processor.image_processor(images=[g[0] for g in groups], return_tensors="pt")[
+            "pixel_values"
+        ]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": pos,
+            "pixel_values": pixel_values,
+            "labels": labels,
+            "tags": tag_t,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+def sample_qtype(rng: random.Random, cfg: TrainConfig) -> str:
+    weights = [cfg.describe_weight if t == "describe" else 1.0 for t in scenes.QUESTION_TYPES]
+    return rng.choices(scenes.QUESTION_TYPES, weights)[0]
+
+
+def train_groups(cfg: TrainConfig, step: int, seed_cursor: list[int]):
+    """The images and conversations of one training step (deterministic given the seed and the step)."""
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    train_range = scenes.split_seeds("train")
+    groups = []
+    while len(groups) < cfg.images_per_step:
+        seed = train_range[seed_cursor[0] % len(train_range)]
+        seed_cursor[0] += 1
+        n_obj = 1 if (step < cfg.curriculum_steps and rng.random() < cfg.one_object_frac) else None
+        scene = scenes.make_scene(seed, n_objects=n_obj)
+        if scenes.layout_split(scene) != "train":
+            continue
+        convs = []
+        for _ in range(cfg.pieces_per_image):
+            qa = scenes.make_qa(scene, sample_qtype(rng, cfg), rng)
+            words, is_ans = conversation_tokens(qa, rng.random() < cfg.followup_prob)
+            convs.append((words, is_ans, 0))
+        groups.append((scene.render(), convs))
+    return groups
+
+
+def val_groups(n: int, pieces_per_image: int = 1):
+    """Fixed validation set: ``n`` QAs (types in rotation), each asked with its follow-up.
+
+    Tags: ``2 * i`` for the first answer of QA ``i``, ``2 * i + 1`` for its follow-up answer.
+    """
+    qas = scenes.dataset("val", n)
+    groups = []
+    for i, qa in enumerate(qas):
+        words, is_ans = conversation_tokens(qa, followup=True)
+        # split the tags of the two answers
+        first_end = words.index("</s>")
+        convs = [(words, is_ans, 2 * i)]
+        groups.append((qa.scene.render(), convs, first_end))
+    return qas, groups
+
+
+def evaluate_teacher_forced(model, packer: Packer, qas, groups, batch: int = 32) -> dict:
+    """Greedy exact-match accuracy per question type (first answer) and for follow-ups, in one pass each."""
+    import torch
+
+    correct: dict[int, bool] = {}
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(groups), batch):
+            chunk = groups[s : s + batch]
+            packed_groups = []
+            for img, convs, first_end in chunk:
+                words, is_ans, tag = convs[0]
+                tags = [tag if j <= first_end else tag + 1 for j in range(len(words))]
+                packed_groups.append((img, [(words, is_ans, 0)], tags))
+            batch_t = packer.pack([(g[0], g[1]) for g in packed_groups])
+            n0 = len(packer.prefix_ids)
+            for b, g in enumerate(packed_groups):
+                t = batch_t["tags"][b]
+                t[n0 : n0 + len(g[2])] = torch.where(
+                    t[n0 : n0 + len(g[2])] >= 0, torch.tensor(g[2]), t[n0 : n0 + len(g[2])]
+                )
+            out = model(
+                input_ids=batch_t["input_ids"],
+                attention_mask=batch_t["attention_mask"],
+                position_ids=batch_t["position_ids"],
+                pixel_values=batch_t["pixel_values"],
+            )
+            pred = out.logits[:, :-1].argmax(-1)
+            gold = batch_t["input_ids"][:, 1:]
+            tags = batch_t["tags"][:, 1:]
+            ok = pred == gold
+            for tag in tags.unique().tolist():
+                if tag < 0:
+                    continue
+                correct[tag] = bool(ok[tags == tag].all())
+    model.train()
+    per_type: dict[str, list[bool]] = defaultdict(list)
+    for i, qa in enumerate(qas):
+        per_type[qa.qtype].append(correct[2 * i])
+        per_type["followup"].append(correct[2 * i + 1])
+    res = {k: sum(v) / len(v) for k, v in per_type.items()}
+    firsts = [correct[2 * i] for i in range(len(qas))]
+    res["overall"] = sum(firsts) / len(firsts)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training loop
+
+
+def init_2d_positions(model, scale: float) -> None:
+    """Initialise CLIP's learned patch position embeddings with a 2-D sin-cos code (as in MAE).
+
+    Half of the channels encode the patch row, half the column, so "top left" is a direction the language
+    model can query from the start; the embeddings stay trainable. The CLS position is left as is.
+    """
+    import torch
+
+    emb = model.model.vision_tower.embeddings.position_embedding.weight  # (1 + G*G, D)
+    n, d = emb.shape[0] - 1, emb.shape[1]
+    g = int(round(math.sqrt(n)))
+    quarter = d // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))  # (D/4,)
+    rows = torch.arange(g, dtype=torch.float32).repeat_interleave(g)  # raster order (G*G,)
+    cols = torch.arange(g, dtype=torch.float32).repeat(g)
+    code = []
+    for coord in (rows, cols):
+        ang = coord[:, None] * freqs[None, :]  # (G*G, D/4)
+        code += [torch.sin(ang), torch.cos(ang)]
+    code = torch.cat(code, dim=1)  # (G*G, 4 * D/4)
+    with torch.no_grad():
+        emb[1:, : code.shape[1]] = scale * code
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    decay_start = int(cfg.steps * (1 - cfg.decay_frac))
+    if step < decay_start:
+        return cfg.lr
+    frac = (step - decay_start) / max(1, cfg.steps - decay_start)
+    return cfg.lr * (1 - 0.9 * frac)
+
+
+def save(model, processor, out: str, cfg: TrainConfig, spec: ModelSpec, state: dict) -> None:
+    """Write model + processor atomically-ish (temp folder, then move files into ``out``)."""
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    with open(os.path.join(tmp, "training_state.json"), "w") as f:
+        json.dump({"train_config": cfg.__dict__, "model_spec": spec.to_dict(), **state}, f, indent=1)
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train(cfg: TrainConfig, spec: ModelSpec = ModelSpec()) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(cfg.threads)
+    # tiny gradients and Adam second moments become float32 denormals, which are ~100x slower on x86 CPUs
+    torch.set_flush_denormal(True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    processor = build_processor()
+    model = build_model(processor.tokenizer, spec, seed=cfg.seed)
+    model.config.text_config.use_cache = False
+    if cfg.pos_init == "sincos":
+        init_2d_positions(model, cfg.pos_scale)
+    model.train()
+    packer = Packer(processor)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %d parameters; config %s", n_params, json.dumps(spec.to_dict()))
+
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        foreach=True,
+    )
+    val_qas, val_g = val_groups(cfg.val_n)
+    os.makedirs(cfg.out, exist_ok=True)
+    curve_path = os.path.join(cfg.out, "training_curve.csv")
+    curve = []
+    seed_cursor = [0]
+    t0 = time.time()
+    ema = None
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        batch = packer.pack(train_groups(cfg, step, seed_cursor))
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            pixel_values=batch["pixel_values"],
+        )
+        logits = out.logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        elapsed = time.time() - t0
+        last = step == cfg.steps - 1 or (cfg.max_minutes and elapsed > cfg.max_minutes * 60)
+        if step % 50 == 0:
+            log.info("step %d loss %.4f (ema %.4f) lr %.2e %.1f min", step, loss.item(), ema, lr_at(step, cfg), elapsed / 60)
+        if (step + 1) % cfg.val_every == 0 or last:
+            acc = evaluate_teacher_forced(model, packer, val_qas, val_g)
+            row = {"step": step + 1, "minutes": round(elapsed / 60, 2), "train_loss_ema": round(ema, 5)}
+            row.update({f"val_{k}": round(v, 4) for k, v in sorted(acc.items())})
+            curve.append(row)
+            log.info("VAL %s", json.dumps(row))
+            with open(curve_path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(curve[-1].keys()))
+                w.writeheader()
+                w.writerows(curve)
+        if (step + 1) % cfg.save_every == 0 or last:
+            save(model, processor, cfg.out, cfg, spec, {"step": step + 1, "minutes": elapsed / 60, "n_params": n_params, "curve": curve})
+            log.info("saved checkpoint at step %d to %s", step + 1, cfg.out)
+        if last:
+            break
+    return {"curve": curve, "n_params": n_params, "minutes": (time.time() - t0) / 60}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for k, v in TrainConfig().__dict__.items():
+        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    for k, v in ModelSpec().to_dict().items():
+        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    ap.add_argument("--no-plot", action="store_true")
+    args = vars(ap.parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = TrainConfig(**{k: args[k] for k in TrainConfig().__dict__})
+    spec = ModelSpec(**{k: args[k] for k in ModelSpec().to_dict()})
+    res = train(cfg, spec)
+    if not args["no_plot"]:
+        from .evaluate import plot_curve
+
+        plot_curve(res["curve"], os.path.join(cfg.out, "training_curve.png"))
+
+
+if __name__ == "__main__":
+    main()
