@@ -20,7 +20,7 @@ from tgvkv.generation import RunOptions, build_layout, generate
 Q = "what is the colour of the circle ?"
 CPU = torch.device("cpu")
 
-# family -> (builder, image sizes (width, height) for one prompt)
+# family -> (builder, image sizes (width, height) for one prompt[, video clips (frames, height, width)])
 FAMILIES = {
     "llava_next": (tf.tiny_llava_next, [(60, 30)]),
     "llava_onevision": (tf.tiny_onevision, [(50, 40)]),
@@ -33,6 +33,11 @@ FAMILIES = {
     "smolvlm": (tf.tiny_smolvlm, [(20, 36)]),
     "gemma3": (tf.tiny_gemma3, [(48, 20)]),
     "gemma3_2img": (tf.tiny_gemma3, [(48, 20), (20, 30)]),
+    "onevision_video": (tf.tiny_onevision, [], [(4, 24, 40)]),
+    "onevision_image_video": (tf.tiny_onevision, [(30, 20)], [(2, 24, 40)]),
+    "qwen2_vl_video": (tf.tiny_qwen2_vl, [], [(4, 24, 40)]),
+    "qwen2_5_vl_image_video": (tf.tiny_qwen2_5_vl, [(16, 24)], [(4, 16, 32)]),
+    "qwen3_vl_video": (tf.tiny_qwen3_vl, [], [(4, 24, 40)]),
 }
 NEEDS = {"smolvlm": "num2words"}  # SmolVLMProcessor imports it, as for hub checkpoints
 
@@ -41,10 +46,12 @@ NEEDS = {"smolvlm": "num2words"}  # SmolVLMProcessor imports it, as for hub chec
 def family(request):
     if request.param in NEEDS:
         pytest.importorskip(NEEDS[request.param])
-    build, sizes = FAMILIES[request.param]
+    build, sizes, *clips = FAMILIES[request.param]
     model, proc = build()
     images = [random_image(10 + i, s) for i, s in enumerate(sizes)]
-    return request.param, model, proc, images
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 255, (*shape, 3), dtype=np.uint8) for shape in (clips[0] if clips else [])]
+    return request.param, model, proc, images, videos
 
 
 @contextlib.contextmanager
@@ -57,9 +64,9 @@ def attn(model, name: str):
         model.set_attn_implementation({"text_config": old})
 
 
-def plain_generate(model, proc, images, question: str, n: int) -> list[int]:
-    prompt = hf_compat.render_prompt(proc, question, len(images))
-    inputs = hf_compat.process_inputs(proc, images, prompt, CPU, torch.float32)
+def plain_generate(model, proc, images, question: str, n: int, videos=()) -> list[int]:
+    prompt = hf_compat.render_prompt(proc, question, len(images), len(videos))
+    inputs = hf_compat.process_inputs(proc, images, prompt, CPU, torch.float32, videos=list(videos))
     with attn(model, "sdpa"), torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=n, do_sample=False, min_new_tokens=n)
     return out[0, inputs["input_ids"].shape[1] :].tolist()
@@ -71,22 +78,22 @@ def decoder_layers(model):
 
 @pytest.mark.parametrize("protocol", ["official", "strict"])
 def test_full_budget_reproduces_plain_generate(family, protocol):
-    name, model, proc, images = family
-    expected = plain_generate(model, proc, images, Q, 8)
-    res = generate(model, proc, images, Q, "tgv-kv", 1.0, options=RunOptions(max_new_tokens=8, protocol=protocol))
+    name, model, proc, images, videos = family
+    expected = plain_generate(model, proc, images, Q, 8, videos)
+    res = generate(model, proc, images, Q, "tgv-kv", 1.0, options=RunOptions(max_new_tokens=8, protocol=protocol), videos=videos)
     assert res.token_ids.tolist() == expected[: len(res.token_ids)]
     assert len(res.token_ids) >= 3
     assert res.trace.budgets.tolist() == [res.trace.seq_len] * res.trace.num_layers
 
 
 def test_sdpa_and_eager_paths_agree(family):
-    name, model, proc, images = family
+    name, model, proc, images, videos = family
     opts = RunOptions(max_new_tokens=8)
     hf_compat.enable_capture(model)
-    a = generate(model, proc, images, Q, "tgv-kv", 0.3, options=opts)
+    a = generate(model, proc, images, Q, "tgv-kv", 0.3, options=opts, videos=videos)
     hf_compat.enable_capture(model, eager_reference=True)
     try:
-        b = generate(model, proc, images, Q, "tgv-kv", 0.3, options=opts)
+        b = generate(model, proc, images, Q, "tgv-kv", 0.3, options=opts, videos=videos)
     finally:
         hf_compat.enable_capture(model)
     assert a.token_ids.tolist() == b.token_ids.tolist()
@@ -130,13 +137,13 @@ def test_decode_positions_unchanged_by_eviction(family, protocol, mode):
     """model.generate on the evicting cache (free decoding) and manual forwards without position ids (teacher):
     the positions (3-D M-RoPE ids included) and RoPE tables at keep 0.3 equal those at keep 1.0, and (official
     protocol) those of plain `model.generate` on the same prompt."""
-    name, model, proc, images = family
+    name, model, proc, images, videos = family
     runs = {}
     for keep in (1.0, 0.3):
         seen, handles = _capture_decode(model)
         try:
             res = generate(model, proc, images, Q, "tgv-kv", keep, options=RunOptions(max_new_tokens=6, protocol=protocol),
-                           teacher_tokens=[5, 6, 7, 8, 9, 10] if mode == "teacher" else None)
+                           teacher_tokens=[5, 6, 7, 8, 9, 10] if mode == "teacher" else None, videos=videos)
         finally:
             [h.remove() for h in handles]
         runs[keep] = (seen, res)
@@ -150,7 +157,7 @@ def test_decode_positions_unchanged_by_eviction(family, protocol, mode):
     if protocol == "official":  # ground truth: plain generate's decode steps use the same RoPE tables
         seen, handles = _capture_decode(model)
         try:
-            plain_generate(model, proc, images, Q, 6)
+            plain_generate(model, proc, images, Q, 6, videos)
         finally:
             [h.remove() for h in handles]
         for a, b in zip(seen[:n], full[:n]):
@@ -158,13 +165,17 @@ def test_decode_positions_unchanged_by_eviction(family, protocol, mode):
 
 
 def test_every_vision_token_has_a_cell_or_is_a_layout_token(family):
-    name, model, proc, images = family
-    prompt = hf_compat.render_prompt(proc, Q, len(images))
-    inputs = hf_compat.process_inputs(proc, images, prompt, CPU, torch.float32)
+    name, model, proc, images, videos = family
+    prompt = hf_compat.render_prompt(proc, Q, len(images), len(videos))
+    inputs = hf_compat.process_inputs(proc, images, prompt, CPU, torch.float32, videos=videos)
     layout = build_layout(model.config, proc, inputs["input_ids"], inputs, images)
     m = layout.token_map
     assert m.positions.tolist() == layout.vision_positions.tolist()
-    assert sorted(set(m.image_index.tolist())) == list(range(len(images)))
+    # images first, then videos (image_index = number of images + video index)
+    assert sorted(set(m.image_index.tolist())) == list(range(len(images) + len(videos)))
+    for v in range(len(videos)):
+        frames = [view for view in layout.views if view.image_index == len(images) + v]
+        assert frames and all(view.name.startswith(f"video {v + 1} frame") for view in frames)
     cells = set()
     for v, r, c in zip(m.view_index, m.row, m.col):
         if v >= 0:

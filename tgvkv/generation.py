@@ -155,8 +155,12 @@ def generate(
     policy_options: dict[str, Any] | None = None,
     teacher_tokens: Sequence[int] | None = None,
     model_name: str = "",
+    videos: Sequence[Any] | None = None,
 ) -> Result:
     """Answer `question` about `images` with the KV cache evicted by `policy` (None: full KV, nothing evicted).
+
+    videos: optional clips, each a (frames, H, W, 3) uint8 array (or a list of frames), placed after the images
+    for processors that take videos (Qwen-VL, LLaVA-OneVision); their tokens count as vision.
 
     teacher_tokens: instead of decoding freely, feed these answer tokens and record the logits at each step
     (used to measure the divergence from the full-KV answer).
@@ -173,8 +177,9 @@ def generate(
         hf_compat.enable_capture(model)
     device = hf_compat.language_device(model)
 
-    prompt = hf_compat.render_prompt(processor, question, len(images))
-    inputs = hf_compat.process_inputs(processor, images, prompt, device, model.dtype)
+    videos = list(videos or [])
+    prompt = hf_compat.render_prompt(processor, question, len(images), len(videos))
+    inputs = hf_compat.process_inputs(processor, images, prompt, device, model.dtype, videos=videos)
     prompt_ids = inputs["input_ids"]
     layout = build_layout(model.config, processor, prompt_ids, inputs, images)
     T, L = layout.seq_len, facts.num_layers
@@ -262,7 +267,7 @@ def generate(
     if opts.followup:
         t3 = time.perf_counter()
         with torch.inference_mode(), recording(decode_rec):
-            f_ids = _followup(model, processor, cache, prompt_ids, new_ids, question, len(images), trace.output_text, opts)
+            f_ids = _followup(model, processor, cache, prompt_ids, new_ids, question, len(images), trace.output_text, opts, len(videos))
             cache.flush_decode_evictions()
         timings["followup_s"] = time.perf_counter() - t3
         trace.followup_question = opts.followup
@@ -405,9 +410,9 @@ def _teacher_forced(model, cache, first_logits, prompt_ids, tokens: Sequence[int
     return np.asarray(tokens, dtype=np.int64), torch.cat(logits)
 
 
-def _followup(model, processor, cache, prompt_ids, answer_ids, question, n_images, answer_text, opts: RunOptions) -> np.ndarray:
+def _followup(model, processor, cache, prompt_ids, answer_ids, question, n_images, answer_text, opts: RunOptions, n_videos: int = 0) -> np.ndarray:
     """Append a second user turn after the answer (on the evicted cache) and generate its answer."""
-    suffix = hf_compat.followup_suffix(processor, question, n_images, answer_text, opts.followup)
+    suffix = hf_compat.followup_suffix(processor, question, n_images, answer_text, opts.followup, n_videos)
     suffix_ids = processor.tokenizer(suffix, add_special_tokens=False, return_tensors="pt")["input_ids"].to(prompt_ids.device)
     answer = torch.as_tensor(answer_ids, device=prompt_ids.device)[None]
     eos = _eos_ids(model)

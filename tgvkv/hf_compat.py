@@ -76,20 +76,23 @@ def language_device(model: torch.nn.Module) -> torch.device:
 
 
 # -- prompts ------------------------------------------------------------------------------------------------------
-def _user_turn(question: str, n_images: int) -> dict[str, Any]:
-    return {"role": "user", "content": [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]}
+def _user_turn(question: str, n_images: int, n_videos: int = 0) -> dict[str, Any]:
+    media = [{"type": "image"} for _ in range(n_images)] + [{"type": "video"} for _ in range(n_videos)]
+    return {"role": "user", "content": media + [{"type": "text", "text": question}]}
 
 
-def render_prompt(processor: Any, question: str, n_images: int) -> str:
-    """The chat-template prompt for one user turn with `n_images` images followed by the question."""
+def render_prompt(processor: Any, question: str, n_images: int, n_videos: int = 0) -> str:
+    """The chat-template prompt for one user turn with `n_images` images (then `n_videos` videos) and the question."""
     if getattr(processor, "chat_template", None) is None:
         raise ValueError("the processor has no chat template; cannot build a prompt for this model")
-    return processor.apply_chat_template([_user_turn(question, n_images)], add_generation_prompt=True, tokenize=False)
+    if n_videos and getattr(processor, "video_processor", None) is None:
+        raise ValueError(f"unsupported input: {type(processor).__name__} has no video processor, so it cannot take videos")
+    return processor.apply_chat_template([_user_turn(question, n_images, n_videos)], add_generation_prompt=True, tokenize=False)
 
 
-def followup_suffix(processor: Any, question: str, n_images: int, answer: str, followup: str) -> str:
+def followup_suffix(processor: Any, question: str, n_images: int, answer: str, followup: str, n_videos: int = 0) -> str:
     """Text that the chat template appends after turn 1's answer for a second user turn (no new image)."""
-    turn1 = [_user_turn(question, n_images), {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    turn1 = [_user_turn(question, n_images, n_videos), {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
     before = processor.apply_chat_template(turn1, tokenize=False)
     after = processor.apply_chat_template(turn1 + [_user_turn(followup, 0)], add_generation_prompt=True, tokenize=False)
     if not after.startswith(before):
@@ -103,12 +106,14 @@ def template_has_bos(processor: Any, prompt: str) -> bool:
     return bool(bos) and prompt.startswith(bos)
 
 
-def process_inputs(processor: Any, images: Sequence[Image.Image], prompt: str, device: torch.device, dtype: torch.dtype):
+def process_inputs(processor: Any, images: Sequence[Image.Image], prompt: str, device: torch.device, dtype: torch.dtype, videos=None):
     """Tokenise the prompt and preprocess the images; floating tensors are cast to the model dtype.
 
     A chat template that already writes the BOS token (Gemma 3) must not get a second one from the tokenizer.
     """
     kw = {"add_special_tokens": False} if template_has_bos(processor, prompt) else {}
+    if videos:  # a list of (frames, H, W, 3) uint8 arrays or lists of PIL frames
+        kw["videos"] = list(videos)
     inputs = processor(images=list(images) if images else None, text=prompt, return_tensors="pt", **kw)
     out = {}
     for k, v in inputs.items():
