@@ -111,13 +111,18 @@ def _with_key_mask(mask: torch.Tensor | None, key_mask: torch.Tensor, q_len: int
     return allowed
 
 
-def _allowed(mask: torch.Tensor | None, q_idx: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
-    """(B|1, 1|H, n, kv) bool: which keys the queries `q_idx` (indices into this forward's queries) may see."""
+def _allowed(mask: torch.Tensor | None, q_idx: torch.Tensor, q_len: int, kv_len: int,
+             cols: torch.Tensor | None = None) -> torch.Tensor:
+    """(B|1, 1|H, n, kv) bool: which keys the queries `q_idx` (indices into this forward's queries) may see.
+
+    cols: only these key columns (then the last dimension is len(cols)); avoids building n x kv just to slice it.
+    """
     if mask is not None:
-        rows = mask[..., q_idx, :]
+        rows = (mask if cols is None else mask[..., cols])[..., q_idx, :]
         return rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
     offset = kv_len - q_len
-    return (torch.arange(kv_len, device=q_idx.device)[None, :] <= (q_idx[:, None] + offset))[None, None]
+    keys = torch.arange(kv_len, device=q_idx.device) if cols is None else cols
+    return (keys[None, :] <= (q_idx[:, None] + offset))[None, None]
 
 
 # -- statistics ------------------------------------------------------------------------------------------------
@@ -128,8 +133,8 @@ def _head_mean_probs(module, query: torch.Tensor, key: torch.Tensor, allowed: to
     """
     B, H, n, D = query.shape
     h_kv = key.shape[1]
-    q = query.float().view(B, h_kv, H // h_kv, n, D)  # (B, H_kv, G, n, D)
-    s = torch.einsum("bkgnd,bksd->bkgns", q, key.float()) * scaling  # (B, H_kv, G, n, S)
+    q = (query.float() * scaling).view(B, h_kv, H // h_kv, n, D)  # (B, H_kv, G, n, D); scaled here (n x D < n x S)
+    s = torch.einsum("bkgnd,bksd->bkgns", q, key.float())  # (B, H_kv, G, n, S)
     s = s.reshape(B, H, n, key.shape[2]).masked_fill(~allowed, float("-inf"))  # n may be 0
     return torch.softmax(s, dim=-1).mean(dim=1)  # (B, n, S)
 
@@ -137,15 +142,16 @@ def _head_mean_probs(module, query: torch.Tensor, key: torch.Tensor, allowed: to
 def _column_sums_with_lse(query, key, lse, columns: torch.Tensor, scaling: float, mask) -> torch.Tensor:
     """(B, |columns|) sum over all queries of head-averaged exp(q.k_j * scaling - lse_q) for key columns j."""
     B, H, T, D = query.shape
-    k = repeat_kv(key, H // key.shape[1])[:, :, columns].float()  # (B, H, C, D)
+    # only the requested columns are gathered (before repeating GQA heads), with the scaling folded into them
+    k = repeat_kv(key[:, :, columns], H // key.shape[1]).float() * scaling  # (B, H, C, D)
     out = torch.zeros(B, len(columns), device=query.device)
     for start in range(0, T, _CHUNK):
         q = query[:, :, start : start + _CHUNK].float()  # (B, H, c, D)
-        s = torch.einsum("bhcd,bhjd->bhcj", q, k) * scaling - lse[:, :, start : start + _CHUNK, None].float()
+        s = torch.einsum("bhcd,bhjd->bhcj", q, k) - lse[:, :, start : start + _CHUNK, None].float()
         q_idx = torch.arange(start, start + q.shape[2], device=query.device)
-        allowed = _allowed(mask, q_idx, T, key.shape[2])[..., columns]
-        out += torch.exp(s).masked_fill(~allowed, 0.0).mean(dim=1).sum(dim=1)
-    return out
+        allowed = _allowed(mask, q_idx, T, key.shape[2], cols=columns)  # (B|1, 1|H, c, C)
+        out += torch.exp(s).masked_fill_(~allowed, 0.0).sum(dim=(1, 2))  # (exp of -inf is a slow path on CPU)
+    return out / H  # head mean
 
 
 def _sdpa_with_lse(query, key, value, scaling: float):
