@@ -183,3 +183,31 @@ def test_every_vision_token_has_a_cell_or_is_a_layout_token(family):
             assert 0 <= r < view.rows and 0 <= c < view.cols
             cells.add((int(v), int(r), int(c)))
     assert len(cells) == sum(v.rows * v.cols for v in layout.views)  # every cell exactly once
+
+
+def test_unsupported_architectures_raise_naming_what_is_missing():
+    from transformers import LlamaConfig, LlavaConfig, MllamaConfig, T5Config
+
+    with pytest.raises(ValueError, match="no `image_token_id`"):
+        hf_compat.model_facts(LlamaConfig(num_hidden_layers=2))  # a text-only LLM
+    with pytest.raises(ValueError, match="cross-attention layers"):
+        hf_compat.model_facts(MllamaConfig())
+    t5 = T5Config()
+    t5.image_token_id = 5
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        hf_compat.model_facts(t5)
+    hybrid = LlavaConfig(text_config=LlamaConfig(num_hidden_layers=2))
+    hybrid.text_config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(ValueError, match=r"layers of type \['linear_attention'\]"):
+        hf_compat.model_facts(hybrid)
+    hybrid.text_config.layer_types = ["sliding_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match="no full-attention language layer"):
+        hf_compat.model_facts(hybrid)
+
+
+def test_hub_models_cover_every_family_with_geometry():
+    from tgvkv.families import FAMILY_NOTES, HUB_MODELS, supported_families
+
+    assert set(HUB_MODELS) == set(FAMILY_NOTES) and set(HUB_MODELS) <= set(supported_families())
+    assert all(ids and all("/" in i for i in ids) for ids in HUB_MODELS.values())
+    assert "llava-hf/llava-1.5-7b-hf" in HUB_MODELS["llava"] and "google/gemma-3-4b-it" in HUB_MODELS["gemma3"]

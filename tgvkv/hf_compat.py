@@ -48,6 +48,7 @@ def model_facts(config: Any) -> ModelFacts:
             "`num_hidden_layers`"
         )
     layer_types = getattr(text_cfg, "layer_types", None)
+    _check_architecture(config, text_cfg, model_type, layer_types)
     return ModelFacts(
         model_type=model_type,
         image_token_id=int(image_id),
@@ -55,6 +56,33 @@ def model_facts(config: Any) -> ModelFacts:
         num_layers=int(n_layers),
         layer_types=tuple(layer_types) if layer_types else None,
     )
+
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # KV-cached self-attention
+
+
+def _check_architecture(config: Any, text_cfg: Any, model_type: str, layer_types) -> None:
+    """Reject architectures whose image tokens do not live in the language model's self-attention KV cache."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"unsupported model: {model_type!r} is an encoder-decoder; the image is read through cross-attention from "
+            "the encoder, not kept as tokens in the decoder's self-attention KV cache that TGV-KV evicts"
+        )
+    if getattr(text_cfg, "cross_attention_layers", None):
+        raise ValueError(
+            f"unsupported model: {model_type!r} feeds the image through cross-attention layers "
+            f"{list(text_cfg.cross_attention_layers)}; its prompt holds a single image placeholder, so there are no "
+            "per-patch vision tokens in the self-attention KV cache to evict"
+        )
+    if layer_types:
+        other = sorted({t for t in layer_types if t not in ATTENTION_LAYER_TYPES})
+        if other:
+            raise ValueError(
+                f"unsupported model: {model_type!r} has language layers of type {other}, which keep no per-token "
+                f"key/value cache to evict (supported layer types: {list(ATTENTION_LAYER_TYPES)})"
+            )
+        if "full_attention" not in layer_types:
+            raise ValueError(f"unsupported model: {model_type!r} has no full-attention language layer to evict")
 
 
 def enable_capture(model: torch.nn.Module, eager_reference: bool = False) -> None:
