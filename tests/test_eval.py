@@ -297,3 +297,18 @@ def test_accelerate_data_parallel_equals_single_process(setup, tmp_path):
     assert not list(out.glob("rows.rank*.jsonl"))
     assert _deterministic(read_rows(out / "rows.jsonl")) == _deterministic(read_rows(ref / "rows.jsonl"))
     assert _summary(out / "summary.csv") == _summary(ref / "summary.csv")
+
+
+# -- report --------------------------------------------------------------------------------------------------------
+def test_report_statistics_and_markdown(setup):
+    from tgvkv.eval import report
+
+    assert report.sign_test([1, 1, 1, 1, 1]) == pytest.approx(2 / 32)
+    assert report.sign_test([1, -1, 0, 0]) == 1.0
+    assert report.sign_test([]) == 1.0
+    lo, hi = report.bootstrap_ci([1.0] * 10)
+    assert lo == hi == 1.0
+    _, _, _, ref = setup
+    text = report.report(ref)
+    assert "| full KV (n=6) | 50.0 | 50.0 |" in text
+    assert "### Claims, first turn, official protocol" in text and "2. TGV-KV beats random" in text
