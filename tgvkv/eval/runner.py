@@ -458,6 +458,9 @@ def run(cfg: EvalConfig, summary_only: bool = False, overwrite: bool = False) ->
     task = load_task(cfg.task, cfg.limit, cfg.split, cfg.metric)
     rank, world, device = _state(cfg.device) if not summary_only else (0, 1, None)
     main = rank == 0
+    if world > 1 and cfg.device_map:
+        raise ValueError("--device-map spreads one model over all GPUs of one process; it cannot be combined with "
+                         "data parallelism (accelerate launch with several processes)")
     if overwrite and main and not summary_only:
         clear_results(out)
     ident = run_identity(cfg, task)
