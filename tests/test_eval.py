@@ -312,3 +312,15 @@ def test_report_statistics_and_markdown(setup):
     text = report.report(ref)
     assert "| full KV (n=6) | 50.0 | 50.0 |" in text
     assert "### Claims, first turn, official protocol" in text and "2. TGV-KV beats random" in text
+
+
+def test_summary_from_gzipped_rows(setup, tmp_path):
+    import gzip
+
+    _, model, task, ref = setup
+    out = tmp_path / "gz"
+    out.mkdir()
+    (out / "rows.jsonl.gz").write_bytes(gzip.compress((ref / "rows.jsonl").read_bytes()))
+    (out / "run.json").write_bytes((ref / "run.json").read_bytes())
+    assert eval_main(_args(model, task, out) + ["--summary-only"]) == 0
+    assert _summary(out / "summary.csv") == _summary(ref / "summary.csv")

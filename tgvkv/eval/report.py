@@ -210,6 +210,13 @@ def report(folder: str | Path) -> str:
     for protocol, turn in combos:
         what = "first question" if turn == "first" else "follow-up question (second turn on the evicted cache)"
         parts.append(f"\n### {what}, {protocol} protocol\n\n" + accuracy_table(summary, protocol, turn))
+    baselines = [m for m in ("tgv-kv", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "prefixkv")
+                 if m in summary["methods"]]
+    for protocol, turn in combos:
+        for keep in (0.05, 0.1):
+            t = qtype_table(summary, protocol, turn, keep, baselines)
+            if t and keep in summary["keeps"]:
+                parts.append(f"\n### Per question type at {keep * 100:g}%, {turn} turn, {protocol} protocol\n\n" + t)
     for protocol, turn in combos:
         parts.append(f"\n### Ablations at 5% next to the paper's, {turn} turn, {protocol} protocol\n\n"
                      + ablation_table(summary, protocol, turn))

@@ -152,6 +152,10 @@ def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     data = path.read_bytes()
+    if path.suffix == ".gz":
+        import gzip
+
+        data = gzip.decompress(data)
     rows = []
     for line in data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n")[:-1]:
         if not line.strip():
@@ -168,9 +172,10 @@ def rank_files(out: Path) -> list[Path]:
 
 
 def load_all_rows(out: Path) -> dict[tuple, dict]:
-    """Every complete row in the folder (merged file first, then rank files); the first copy of a key wins."""
+    """Every complete row in the folder (merged file, or its gzip copy, first, then rank files); the first copy of a
+    key wins."""
     rows: dict[tuple, dict] = {}
-    for path in [out / ROWS, *rank_files(out)]:
+    for path in [out / ROWS, out / (ROWS + ".gz"), *rank_files(out)]:
         for r in read_rows(path):
             rows.setdefault(row_key(r), r)
     return rows
