@@ -24,6 +24,7 @@ CPU = torch.device("cpu")
 FAMILIES = {
     "llava_next": (tf.tiny_llava_next, [(60, 30)]),
     "llava_onevision": (tf.tiny_onevision, [(50, 40)]),
+    "llava_onevision_2img": (tf.tiny_onevision, [(50, 40), (30, 64)]),
     "llava_next_2img": (tf.tiny_llava_next, [(60, 30), (30, 44)]),
     "qwen2_vl": (tf.tiny_qwen2_vl, [(40, 24)]),
     "qwen2_5_vl": (tf.tiny_qwen2_5_vl, [(24, 40)]),
