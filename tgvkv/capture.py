@@ -17,6 +17,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -161,10 +162,14 @@ def _sdpa_with_lse(query, key, value, scaling: float):
     if query.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, k, v, 0.0, True, scale=scaling)
     elif query.device.type == "cuda":
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, k, v, None, True, 0.0, True, scale=scaling)[:2]
+        # the kernel plain SDPA would pick (flash for fp16/bf16 on recent GPUs), so capture does not change the kernel
+        if torch._fused_sdp_choice(query, k, v, None, 0.0, True, scale=scaling) == SDPBackend.FLASH_ATTENTION.value:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, False, scale=scaling)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, k, v, None, True, 0.0, True, scale=scaling)[:2]
     else:
         raise RuntimeError(f"column-sum capture is not implemented for device {query.device.type}")
-    return out.transpose(1, 2).contiguous(), lse
+    return out.transpose(1, 2).contiguous(), lse[..., : query.shape[2]]  # efficient attention pads lse to 32 rows
 
 
 def _record_prefill(rec: Recorder, module, query, key, attention_mask, scaling, lse=None, full=None) -> None:

@@ -28,11 +28,18 @@ def demo_model(dtype=torch.float32, device="cpu"):
     if os.path.exists(os.path.join(path, "config.json")):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        proc = AutoProcessor.from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
-        return model, proc, "demo-vlm (trained, assets/demo-vlm)"
+        try:
+            proc = AutoProcessor.from_pretrained(path)
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+            model.generation_config.eos_token_id = None  # time exactly the asked number of tokens
+            return model, proc, "demo-vlm (trained, assets/demo-vlm)"
+        except (OSError, ValueError) as e:  # folder still being written: same architecture, random weights
+            import logging
+
+            logging.getLogger(__name__).warning("assets/demo-vlm not loadable (%s); using random weights", e)
     tok = build.build_tokenizer()
     model = build.build_model(tok).to(dtype).to(device).eval()
+    _no_eos(model, tok)
     return model, build.build_processor(), "demo-vlm (random weights)"
 
 
