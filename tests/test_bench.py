@@ -61,6 +61,7 @@ def test_cli_writes_files(tmp_path):
           "--intermediate", "128", "--layers", "2", "--grid", "8", "--methods", "tgv-kv", "--keeps", "0.1",
           "--batches", "1", "2", "--batch-keeps", "0.1", "--new-tokens", "3", "--reps", "1"])
     main(["plot", "--out", out])
+    main(["report", "--out", out])
     ref = json.loads((tmp_path / "bound_reference.json").read_text())
     assert [r["batch"] for r in ref["rows"]] == [1, 4, 16]
     pre = json.loads((tmp_path / "prefill.json").read_text())["rows"]
@@ -71,3 +72,6 @@ def test_cli_writes_files(tmp_path):
     assert all(r["bound"] >= 1.0 and r["kv_bytes_kept"] <= r["kv_bytes_full"] for r in dec)
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert (tmp_path / "decode.csv").read_text().startswith("mode,")
+    checks = json.loads((tmp_path / "summary.json").read_text())
+    assert set(checks["batched_5pct"]) == set() and "kv_kept_fraction_at_5pct" in checks  # keeps were 0.1 only
+    assert "| B | method |" in (tmp_path / "summary.md").read_text()

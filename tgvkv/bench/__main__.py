@@ -4,7 +4,8 @@
     python -m tgvkv.bench decode --model synth --batches 1 4 16      # tokens/s, KV bytes, bandwidth bound
     python -m tgvkv.bench e2e --model demo                           # time to answer, full vs evicted
     python -m tgvkv.bench bound                                      # the bound for the issue's LLaVA-1.5-7B example
-    python -m tgvkv.bench all                                        # the CPU suite + plot (results/bench)
+    python -m tgvkv.bench report                                     # tables + target checks from the files
+    python -m tgvkv.bench all                                        # the CPU suite + plot + report (results/bench)
     python -m tgvkv.bench gpu                                        # 7B-shaped LLaVA-NeXT fp16 on CUDA
 Thread count: torch's default (set OMP_NUM_THREADS); it is recorded in every result file.
 """
@@ -120,6 +121,12 @@ def cmd_plot(args) -> None:
     log.info("wrote %s", out / "bench.png")
 
 
+def cmd_report(args) -> None:
+    from . import report
+
+    report.write(Path(args.out))
+
+
 def cmd_all(args) -> None:
     """The CPU suite with the defaults the committed results use."""
     base = dict(out=args.out, device="cpu", dtype="float32", name=None)
@@ -133,6 +140,7 @@ def cmd_all(args) -> None:
     cmd_e2e(argparse.Namespace(**base, model="demo", methods=["tgv-kv"], keeps=KEEPS, new_tokens=32, reps=5))
     cmd_e2e(argparse.Namespace(**base, **synth, methods=["tgv-kv"], keeps=KEEPS, new_tokens=32, reps=3))
     cmd_plot(args)
+    cmd_report(args)
 
 
 def cmd_gpu(args) -> None:
@@ -220,7 +228,11 @@ def main(argv=None) -> None:
     common(p, device=False)
     p.set_defaults(fn=cmd_plot)
 
-    p = sub.add_parser("all", help="CPU suite + plot")
+    p = sub.add_parser("report", help="markdown tables + target checks (summary.md, summary.json)")
+    common(p, device=False)
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("all", help="CPU suite + plot + report")
     common(p, device=False)
     p.add_argument("--reps", type=int, default=5)
     p.set_defaults(fn=cmd_all)
