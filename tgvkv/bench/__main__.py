@@ -240,7 +240,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("gpu", help="7B-shaped LLaVA-NeXT fp16 on CUDA (needs a GPU)")
     common(p, device=False)
     p.add_argument("--dry-run", action="store_true", help="shrunk model on CPU, to test the script")
-    p.set_defaults(fn=cmd_gpu, out=None)
+    p.set_defaults(fn=cmd_gpu)
     args = ap.parse_args(argv)
     if args.cmd == "gpu" and args.out == "results/bench":
         args.out = "results/bench/gpu"

@@ -1,6 +1,6 @@
 """End to end: wall time to answer one image + question with N new tokens, full KV vs evicted.
 
-Timed: `tgvkv.generation.generate` as an app calls it (image preprocessing excluded; vision tower, prefill with
+Timed: one `tgvkv.generation.generate` call as an app makes it (image preprocessing, vision tower, prefill with
 statistics capture, selection, eviction, decoding with each method's decode rule included), diagnostics off,
 exactly `max_new_tokens` tokens (EOS disabled on random-weight models). Repetitions interleaved; medians.
 """
