@@ -169,7 +169,8 @@ def test_every_vision_token_has_a_cell_or_is_a_layout_token(family):
     name, model, proc, images, videos = family
     prompt = hf_compat.render_prompt(proc, Q, len(images), len(videos))
     inputs = hf_compat.process_inputs(proc, images, prompt, CPU, torch.float32, videos=videos)
-    layout = build_layout(model.config, proc, inputs["input_ids"], inputs, images)
+    layout = build_layout(model.config, proc, inputs["input_ids"], inputs, images, videos)
+    assert layout.image_sizes == [im.size for im in images] + [(v.shape[2], v.shape[1]) for v in videos]
     m = layout.token_map
     assert m.positions.tolist() == layout.vision_positions.tolist()
     # images first, then videos (image_index = number of images + video index)

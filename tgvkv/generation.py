@@ -68,8 +68,11 @@ class Result:
 
 
 # -- layout ------------------------------------------------------------------------------------------------------
-def build_layout(model_config: Any, processor: Any, input_ids: torch.Tensor, inputs: dict, images: Sequence[Image.Image]) -> TokenLayout:
-    """Vision spans from the config's image/video token ids, grid geometry from the family resolver."""
+def build_layout(model_config: Any, processor: Any, input_ids: torch.Tensor, inputs: dict, images: Sequence[Image.Image],
+                 videos: Sequence[Any] = ()) -> TokenLayout:
+    """Vision spans from the config's image/video token ids, grid geometry from the family resolver.
+
+    image_sizes lists the images' (width, height), then each video's frame size: a view's image_index indexes it."""
     facts = hf_compat.model_facts(model_config)
     ids = input_ids[0].cpu().numpy()
     spans = contiguous_runs(np.isin(ids, facts.vision_token_ids))
@@ -79,8 +82,17 @@ def build_layout(model_config: Any, processor: Any, input_ids: torch.Tensor, inp
         )
     sizes = [im.size for im in images]
     views, token_map = resolve_geometry(model_config, processor, inputs, spans, sizes)
+    sizes += [_frame_size(v) for v in videos]
     tokens = processor.tokenizer.convert_ids_to_tokens(ids.tolist()) if hasattr(processor, "tokenizer") else []
     return TokenLayout(seq_len=len(ids), image_spans=spans, views=views, token_map=token_map, image_sizes=sizes, tokens=tokens)
+
+
+def _frame_size(video: Any) -> tuple[int, int]:
+    """(width, height) of a clip given as a (frames, H, W, 3) array or a list of PIL frames."""
+    if isinstance(video, (list, tuple)) and video and hasattr(video[0], "size") and not hasattr(video[0], "shape"):
+        return tuple(video[0].size)
+    shape = np.asarray(video[0]).shape
+    return (int(shape[1]), int(shape[0]))
 
 
 def _stat_request(policy: Policy | None, layout: TokenLayout, capture: CaptureOptions) -> StatRequest:
@@ -181,7 +193,7 @@ def generate(
     prompt = hf_compat.render_prompt(processor, question, len(images), len(videos))
     inputs = hf_compat.process_inputs(processor, images, prompt, device, model.dtype, videos=videos)
     prompt_ids = inputs["input_ids"]
-    layout = build_layout(model.config, processor, prompt_ids, inputs, images)
+    layout = build_layout(model.config, processor, prompt_ids, inputs, images, videos)
     T, L = layout.seq_len, facts.num_layers
     request = _stat_request(pol, layout, capture)
     recorder = Recorder(
