@@ -128,17 +128,23 @@ def cmd_report(args) -> None:
 
 
 def cmd_all(args) -> None:
-    """The CPU suite with the defaults the committed results use."""
+    """The CPU suite with the defaults the committed results use (`--quick`: a tiny smoke run of the same steps)."""
+    q = args.quick
     base = dict(out=args.out, device="cpu", dtype="float32", name=None)
     cmd_bound(argparse.Namespace(**base, prompt_tokens=2048, keep=0.05))
-    cmd_prefill(argparse.Namespace(**base, lengths=[1024, 2048, 4096, 8192], reps=args.reps, diagnostics=True,
-                                   eager_max_gib=6.0, hidden=1024, layers=2, heads=16, kv_heads=16, intermediate=2752))
-    synth = dict(model="synth", hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1408, grid=44)
-    cmd_decode(argparse.Namespace(**base, **synth, methods=METHODS, keeps=KEEPS, batches=[1, 4, 16],
-                                  batch_methods=["tgv-kv"], batch_keeps=KEEPS, new_tokens=32, reps=3,
-                                  mem_limit_gib=16.0, no_engine=False))
-    cmd_e2e(argparse.Namespace(**base, model="demo", methods=["tgv-kv"], keeps=KEEPS, new_tokens=32, reps=5))
-    cmd_e2e(argparse.Namespace(**base, **synth, methods=["tgv-kv"], keeps=KEEPS, new_tokens=32, reps=3))
+    lm = dict(hidden=1024, layers=2, heads=16, kv_heads=16, intermediate=2752) if not q else \
+        dict(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128)
+    cmd_prefill(argparse.Namespace(**base, lengths=[1024, 2048, 4096, 8192] if not q else [128, 256],
+                                   reps=args.reps if not q else 1, diagnostics=True, eager_max_gib=6.0, **lm))
+    synth = dict(model="synth", hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1408, grid=44) if not q else \
+        dict(model="synth", hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128, grid=8)
+    g, r = (32, 3) if not q else (4, 1)
+    cmd_decode(argparse.Namespace(**base, **synth, methods=METHODS, keeps=KEEPS if not q else [0.05],
+                                  batches=[1, 4, 16] if not q else [1, 2], batch_methods=["tgv-kv"],
+                                  batch_keeps=KEEPS if not q else [0.05], new_tokens=g, reps=r, mem_limit_gib=16.0,
+                                  no_engine=False))
+    cmd_e2e(argparse.Namespace(**base, model="demo", methods=["tgv-kv"], keeps=KEEPS, new_tokens=g, reps=5 if not q else 1))
+    cmd_e2e(argparse.Namespace(**base, **synth, methods=["tgv-kv"], keeps=KEEPS, new_tokens=g, reps=r))
     cmd_plot(args)
     cmd_report(args)
 
@@ -234,7 +240,8 @@ def main(argv=None) -> None:
 
     p = sub.add_parser("all", help="CPU suite + plot + report")
     common(p, device=False)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="prefill repetitions")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run of the whole suite")
     p.set_defaults(fn=cmd_all)
 
     p = sub.add_parser("gpu", help="7B-shaped LLaVA-NeXT fp16 on CUDA (needs a GPU)")
