@@ -73,3 +73,24 @@ def test_rejects_bad_arguments(llava):
         generate_batch(model, proc, [], "tgv-kv", 0.1, 4)
     with pytest.raises(ValueError):
         generate_batch(model, proc, [BatchItem([random_image(0)], "what ?")], "tgv-kv", 0.0, 4)
+
+
+@pytest.mark.parametrize("builder", ["tiny_qwen2_vl", "tiny_llava_next"])
+def test_other_families_match_batch1_runs(builder):
+    """Qwen2-VL: M-RoPE, the first generated position is T + rope_deltas; LLaVA-NeXT: anyres prompts of other lengths."""
+    import tiny_families
+
+    model, proc = getattr(tiny_families, builder)(seed=1)
+    items = [BatchItem([random_image(s, (32 + 8 * s, 32))], q) for s, q in enumerate(QUESTIONS[:3])]
+    for policy, keep in [(None, 1.0), ("tgv-kv", 0.1)]:
+        res = generate_batch(model, proc, items, policy, keep, N, policy_options=_opts(policy))
+        for b, item in enumerate(items):
+            assert res.token_ids[b].tolist() == _single(model, proc, item, policy, keep).token_ids.tolist()
+
+
+def test_sliding_window_models_are_refused():
+    from tiny_families import tiny_gemma3
+
+    model, proc = tiny_gemma3(seed=0)
+    with pytest.raises(ValueError, match="sliding-window"):
+        generate_batch(model, proc, [BatchItem([random_image(0)], QUESTIONS[0])], "tgv-kv", 0.1, 2)

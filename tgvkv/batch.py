@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import hf_compat
 from .cache import EvictingCache
 from .capture import Recorder, recording
-from .generation import _eos_ids, _stat_request, _sync, build_layout, CaptureOptions
+from .generation import CaptureOptions, _eos_ids, _select, _stat_request, _sync, build_layout, validate_question
 from .policies import Policy, check_keep_ratio, make_policy
 from .stats import column_positions
 
@@ -166,13 +166,23 @@ def _prefill_one(model, processor, item: BatchItem, pol: Policy | None, keep_rat
     cache = EvictingCache(config=model.config)
     with torch.inference_mode(), recording(rec):
         out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    evictable = np.array([cache.evictable(l) for l in range(L)])
+    if not evictable.all():
+        raise ValueError("batched decoding supports full-attention language models only (this one has sliding-window "
+                         "layers); use tgvkv.generation.generate per sample")
     full_bytes = int(cache.kv_bytes().sum())
     if pol is not None:
-        kept = pol.select(rec.prefill_stats(L, T), layout, keep_ratio).kept
+        kept = _select(pol, rec.prefill_stats(L, T), layout, keep_ratio, evictable)[0].kept
         cache.keep_positions(kept)
     else:
         kept = [np.arange(T)] * L
-    return cache, out.logits[:, -1], T, kept, full_bytes
+    return cache, out.logits[:, -1], _next_position(model, T), T, kept, full_bytes
+
+
+def _next_position(model, T: int) -> int:
+    """Position of the first generated token: T, or T + rope_deltas for M-RoPE models (Qwen-VL), read after prefill."""
+    deltas = getattr(getattr(model, "model", None), "rope_deltas", None)
+    return T + int(deltas.flatten()[0]) if isinstance(deltas, torch.Tensor) else T
 
 
 def generate_batch(
@@ -196,6 +206,8 @@ def generate_batch(
         raise ValueError("no items to generate for")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    for it in items:
+        validate_question(it.question, processor)
     keep_ratio = check_keep_ratio(keep_ratio) if policy is not None else 1.0
     pol = make_policy(policy, **(policy_options or {})) if policy is not None else None
     if not hf_compat.capture_enabled(model):
@@ -208,7 +220,7 @@ def generate_batch(
     parts = [_prefill_one(model, processor, it, pol, keep_ratio, device) for it in items]
     _sync(device)
     timings["prefill_s"] = time.perf_counter() - t0
-    caches, first_logits, lengths, kept, full_bytes = zip(*parts)
+    caches, first_logits, starts, lengths, kept, full_bytes = zip(*parts)
     kept_bytes = int(sum(int(c.kv_bytes().sum()) for c in caches))
 
     t1 = time.perf_counter()
@@ -220,7 +232,7 @@ def generate_batch(
     _sync(device)
     timings["pack_s"] = time.perf_counter() - t1
 
-    ids, logits = _greedy(model, cache, torch.cat(first_logits), torch.as_tensor(lengths, device=device),
+    ids, logits = _greedy(model, cache, torch.cat(first_logits), torch.as_tensor(starts, device=device),
                           max_new_tokens, key_masks, return_logits, None if ignore_eos else _eos_ids(model), timings)
     eos = _eos_ids(model)
     token_ids = [_trim(row, eos, ignore_eos) for row in ids]
@@ -245,11 +257,14 @@ def generate_batch(
     )
 
 
-def _greedy(model, cache: BatchCache, first_logits, lengths, max_new_tokens, key_masks, return_logits, eos, timings):
-    """(B, G) greedy ids; one forward per step for the whole batch, explicit per-sample positions."""
+def _greedy(model, cache: BatchCache, first_logits, starts, max_new_tokens, key_masks, return_logits, eos, timings):
+    """(B, G) greedy ids; one forward per step for the whole batch, explicit per-sample positions.
+
+    starts: (B,) position of each sample's first generated token (its prompt length, + rope_deltas for M-RoPE).
+    """
     device = first_logits.device
     nxt = first_logits.argmax(-1)  # (B,)
-    out_ids = torch.empty((len(lengths), max_new_tokens), dtype=torch.long, device=device)
+    out_ids = torch.empty((len(starts), max_new_tokens), dtype=torch.long, device=device)
     out_ids[:, 0] = nxt
     step_logits = [first_logits.float()] if return_logits else None
     eos_t = torch.as_tensor(sorted(eos), device=device) if eos else None
@@ -262,7 +277,7 @@ def _greedy(model, cache: BatchCache, first_logits, lengths, max_new_tokens, key
         while g < max_new_tokens:
             if done is not None and bool(done.all()):  # one host sync per step, only when EOS can stop the batch
                 break
-            pos = (lengths + (g - 1))[:, None]  # the first generated token sits at position T_b
+            pos = (starts + (g - 1))[:, None]  # fed token g-1 sits at start_b + g - 1
             out = model(input_ids=nxt[:, None], position_ids=pos, past_key_values=cache, use_cache=True,
                         logits_to_keep=1)
             last = out.logits[:, -1]
