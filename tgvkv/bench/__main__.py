@@ -143,6 +143,10 @@ def cmd_all(args) -> None:
                                   batches=[1, 4, 16] if not q else [1, 2], batch_methods=["tgv-kv"],
                                   batch_keeps=KEEPS if not q else [0.05], new_tokens=g, reps=r, mem_limit_gib=16.0,
                                   no_engine=False))
+    cmd_decode(argparse.Namespace(**{**base, "name": "decode_demo"}, model="demo", methods=METHODS,
+                                  keeps=KEEPS if not q else [0.05], batches=[1, 4, 16] if not q else [1, 2],
+                                  batch_methods=["tgv-kv"], batch_keeps=KEEPS if not q else [0.05], new_tokens=g,
+                                  reps=r, mem_limit_gib=16.0, no_engine=False))
     cmd_e2e(argparse.Namespace(**base, model="demo", methods=["tgv-kv"], keeps=KEEPS, new_tokens=g, reps=5 if not q else 1))
     cmd_e2e(argparse.Namespace(**base, **synth, methods=["tgv-kv"], keeps=KEEPS, new_tokens=g, reps=r))
     cmd_plot(args)

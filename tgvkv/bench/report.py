@@ -41,20 +41,9 @@ def _step_model(bat: list[dict]) -> list[str]:
     return out if len(out) > 2 else []
 
 
-def build(out: Path) -> tuple[str, dict]:
-    lines, checks = [], {}
-    pre, meta = _rows(out, "prefill")
-    if pre:
-        lines += [f"### Prefill overhead ({meta.get('threads')} threads, {meta.get('shape')})", "",
-                  "| T | variant | median s | ratio to SDPA | note |", "|---|---|---|---|---|"]
-        lines += [f"| {r['T']} | {r['variant']} | {r['median_s']:.3f} | {r['ratio_to_sdpa']:.3f} | {r['note']} |" for r in pre]
-        at4k = {r["variant"]: r["ratio_to_sdpa"] for r in pre if r["T"] == 4096}
-        if at4k:
-            checks["prefill_tgvkv_over_sdpa_at_4k"] = at4k.get("tgvkv")
-            checks["prefill_tgvkv_le_1.10_at_4k"] = bool(at4k.get("tgvkv", 9) <= 1.10)
-            checks["prefill_eager_over_sdpa_at_4k"] = at4k.get("eager")
-        lines.append("")
-    dec, meta = _rows(out, "decode")
+def _decode_tables(out: Path, name: str, checks: dict) -> list[str]:
+    lines: list[str] = []
+    dec, meta = _rows(out, name)
     eng = [r for r in dec if r["mode"] == "engine"]
     if eng:
         lines += [f"### Decode, batch 1, engine (each method's own decode rule) - {meta.get('model')}, "
@@ -83,6 +72,29 @@ def build(out: Path) -> tuple[str, dict]:
                                   for r in bat if r["keep"] == 0.05}
         lines += [""] + _step_model(bat)
         lines.append("")
+    return lines
+
+
+def build(out: Path) -> tuple[str, dict]:
+    lines, checks = [], {}
+    pre, meta = _rows(out, "prefill")
+    if pre:
+        lines += [f"### Prefill overhead ({meta.get('threads')} threads, {meta.get('shape')})", "",
+                  "| T | variant | median s | ratio to SDPA | note |", "|---|---|---|---|---|"]
+        lines += [f"| {r['T']} | {r['variant']} | {r['median_s']:.3f} | {r['ratio_to_sdpa']:.3f} | {r['note']} |" for r in pre]
+        at4k = {r["variant"]: r["ratio_to_sdpa"] for r in pre if r["T"] == 4096}
+        if at4k:
+            checks["prefill_tgvkv_over_sdpa_at_4k"] = at4k.get("tgvkv")
+            checks["prefill_tgvkv_le_1.10_at_4k"] = bool(at4k.get("tgvkv", 9) <= 1.10)
+            checks["prefill_eager_over_sdpa_at_4k"] = at4k.get("eager")
+        lines.append("")
+    for name in ("decode", "decode_demo"):
+        sub: dict = {}
+        lines += _decode_tables(out, name, sub)
+        if name == "decode":
+            checks.update(sub)
+        elif sub:
+            checks["demo"] = sub
     for name in ("e2e_demo", "e2e_synth"):
         e2e, meta = _rows(out, name)
         if e2e:
