@@ -24,6 +24,7 @@ from .policies import Policy, Selection, check_keep_ratio, make_policy
 from .policies.base import DecodeRule
 from .stats import PrefillStats, StatRequest, column_positions
 from .trace import TEXT, VISION, Trace
+from .validation import validate_question
 
 MAX_NEW_TOKENS_LIMIT = 1024
 
@@ -179,8 +180,9 @@ def generate(
     """
     opts = options or RunOptions(max_new_tokens=max_new_tokens)
     capture = capture or CaptureOptions()
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question is empty")
+    validate_question(question, processor)
+    if opts.followup:
+        validate_question(opts.followup, processor, what="follow-up question")
     images = list(images)
     keep_ratio = check_keep_ratio(keep_ratio) if policy is not None else 1.0
     pol = make_policy(policy, **(policy_options or {})) if policy is not None else None

@@ -10,6 +10,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_SIDE = 2048  # longer side above this is downscaled (aspect kept) before preprocessing
 MAX_PIXELS = 64_000_000  # refuse anything larger outright (decompression-bomb guard)
 MIN_SIDE = 2
+MAX_ASPECT = 20  # longer side / shorter side: processors that resize the short edge would blow up a 2048x2 strip
 
 
 def normalise_image(image: Image.Image) -> Image.Image:
@@ -21,6 +22,8 @@ def normalise_image(image: Image.Image) -> Image.Image:
         raise ValueError(f"image is too large ({w}x{h} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels)")
     if min(w, h) < MIN_SIDE:
         raise ValueError(f"image is too small ({w}x{h} pixels)")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ValueError(f"image is too elongated ({w}x{h} pixels; the longer side may be at most {MAX_ASPECT} times the shorter)")
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(image, dtype=np.float64)

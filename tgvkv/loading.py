@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from . import hf_compat
+from .validation import check_model_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "assets" / "demo-vlm"
@@ -46,11 +47,12 @@ def load_model(name_or_path: str | Path, options: LoadOptions = LoadOptions()) -
 
     Raises ValueError with a readable message for unknown ids, unreachable hubs and unsupported architectures.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     name = str(name_or_path)
     if not name.strip():
         raise ValueError("no model given")
+    check_model_name(name)  # a local model folder or a well-formed hub id, before transformers guesses
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
@@ -58,6 +60,8 @@ def load_model(name_or_path: str | Path, options: LoadOptions = LoadOptions()) -
         kwargs["device_map"] = options.device_map
     try:
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=options.trust_remote_code)
+        # no image token / text config: say so before transformers' list of AutoModel classes (and before the weights)
+        hf_compat.model_facts(AutoConfig.from_pretrained(name, trust_remote_code=options.trust_remote_code))
         model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
     except OSError as e:
         where = "local folder" if Path(name).exists() else "model id"

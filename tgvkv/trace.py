@@ -138,9 +138,11 @@ class Trace:
                 meta, arrays = doc["meta"], {k: _decode_array(v) for k, v in doc["arrays"].items()}
             else:
                 raise ValueError(f"trace path must end in .npz or .json, got {path.name!r}")
-        except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
-            raise ValueError(f"could not load trace {path.name!r}: {e}") from e
-        return cls.from_parts(meta, arrays)
+            return cls.from_parts(meta, arrays)
+        except (OSError, KeyError, TypeError, AttributeError, ValueError, json.JSONDecodeError) as e:
+            # a hand-edited or foreign file: wrong JSON shape (TypeError), missing entries (KeyError), bad arrays
+            reason = f"missing entry {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"could not load trace {path.name!r}: {reason}") from e
 
     def to_json(self) -> str:
         meta, arrays = self.to_parts()
