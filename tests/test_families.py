@@ -259,3 +259,20 @@ def test_followup_after_eviction_sdpa_equals_eager(family):
     finally:
         hf_compat.enable_capture(model)
     assert a.trace.followup_ids.tolist() == b.trace.followup_ids.tolist() and len(a.trace.followup_ids) >= 1
+
+
+def test_trace_round_trips_json_and_npz(family, tmp_path):
+    """Views with mosaic boxes, newline tokens, video frames, NaN/-1 info of non-evicted sliding layers."""
+    import tgvkv
+
+    name, model, proc, images, videos = family
+    res = generate(model, proc, images, Q, "tgv-kv", 0.3, options=RunOptions(max_new_tokens=2), videos=videos)
+    for suffix in (".npz", ".json"):
+        back = tgvkv.Trace.load(res.trace.save(tmp_path / f"trace{suffix}"))
+        a_meta, a_arr = res.trace.to_parts()
+        b_meta, b_arr = back.to_parts()
+        assert a_meta == b_meta and sorted(a_arr) == sorted(b_arr)
+        for k in a_arr:
+            assert a_arr[k].dtype == b_arr[k].dtype, k
+            np.testing.assert_array_equal(a_arr[k], b_arr[k], err_msg=k)
+        assert [vars(v) for v in back.layout.views] == [vars(v) for v in res.trace.layout.views]
