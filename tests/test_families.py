@@ -276,3 +276,34 @@ def test_trace_round_trips_json_and_npz(family, tmp_path):
             assert a_arr[k].dtype == b_arr[k].dtype, k
             np.testing.assert_array_equal(a_arr[k], b_arr[k], err_msg=k)
         assert [vars(v) for v in back.layout.views] == [vars(v) for v in res.trace.layout.views]
+
+
+@pytest.mark.parametrize("method", sorted(__import__("tgvkv.policies", fromlist=["POLICIES"]).POLICIES))
+def test_every_method_runs_on_a_hybrid_model_and_evicts_full_layers_only(method):
+    """Gemma 3 (sliding + full layers): every policy selects over the full-attention layers; the sliding ones keep
+    their window; SDPA = eager tokens."""
+    model, proc = _gemma()
+    img = random_image(3, (48, 20))
+    full = np.array([t == "full_attention" for t in model.config.text_config.layer_types])
+    out = []
+    for eager in (False, True):
+        hf_compat.enable_capture(model, eager_reference=eager)
+        try:
+            out.append(generate(model, proc, [img], Q, method, 0.3, options=RunOptions(max_new_tokens=4)))
+        finally:
+            hf_compat.enable_capture(model)
+    tr = out[0].trace
+    assert out[0].token_ids.tolist() == out[1].token_ids.tolist()
+    assert np.all(tr.budgets[~full] == tr.seq_len) and np.all(tr.kept_mask[~full])
+    assert tr.cache_len_final[~full].tolist() == [model.config.text_config.sliding_window - 1] * int((~full).sum())
+    if method != "full":
+        assert np.all(tr.budgets[full] < tr.seq_len)
+
+
+_GEMMA = []
+
+
+def _gemma():
+    if not _GEMMA:
+        _GEMMA.append(tf.tiny_gemma3())
+    return _GEMMA[0]
