@@ -217,6 +217,13 @@ def _lse_chunked(query, key, mask, scaling) -> torch.Tensor:
 
 def _record_decode(rec: Recorder, module, query, key, attention_mask, scaling, full=None) -> None:
     layer = module.layer_idx
+    if full is None and attention_mask is None:  # one query, no padding: it sees every slot, no mask to apply
+        B, H, _, D = query.shape
+        h_kv = key.shape[1]
+        q = (query[:1].float() * scaling).view(1, h_kv, H // h_kv, D)  # (1, H_kv, G, D)
+        s = torch.matmul(q, key[:1].float().transpose(-1, -2))  # (1, H_kv, G, S)
+        rec.decode_rows[layer] = torch.softmax(s, dim=-1).mean(dim=(1, 2))[0]
+        return
     if full is None:
         q_idx = torch.zeros(1, dtype=torch.long, device=query.device)
         full = _head_mean_probs(module, query, key, _allowed(attention_mask, q_idx, 1, key.shape[2]), scaling)
