@@ -132,10 +132,10 @@ def cmd_all(args) -> None:
     q = args.quick
     base = dict(out=args.out, device="cpu", dtype="float32", name=None)
     cmd_bound(argparse.Namespace(**base, prompt_tokens=2048, keep=0.05))
-    lm = dict(hidden=1024, layers=2, heads=16, kv_heads=16, intermediate=2752) if not q else \
+    lm = dict(hidden=1024, layers=2, heads=8, kv_heads=8, intermediate=2752) if not q else \
         dict(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128)
     cmd_prefill(argparse.Namespace(**base, lengths=[1024, 2048, 4096, 8192] if not q else [128, 256],
-                                   reps=args.reps if not q else 1, diagnostics=True, eager_max_gib=6.0, **lm))
+                                   reps=args.reps if not q else 1, diagnostics=True, eager_max_gib=10.0, **lm))
     synth = dict(model="synth", hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1408, grid=44) if not q else \
         dict(model="synth", hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128, grid=8)
     g, r = (32, 3) if not q else (4, 1)
@@ -201,11 +201,11 @@ def main(argv=None) -> None:
 
     p = sub.add_parser("prefill", help="capture overhead vs SDPA vs eager+output_attentions")
     common(p)
-    lm(p, 1024, 2, 16, 16, 2752)
+    lm(p, 1024, 2, 8, 8, 2752)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--diagnostics", action="store_true", help="also time the engine's diagnostics capture")
-    p.add_argument("--eager-max-gib", type=float, default=6.0)
+    p.add_argument("--eager-max-gib", type=float, default=10.0)
     p.set_defaults(fn=cmd_prefill)
 
     for name, fn in (("decode", cmd_decode), ("e2e", cmd_e2e)):
