@@ -94,3 +94,34 @@ def test_sliding_window_models_are_refused():
     model, proc = tiny_gemma3(seed=0)
     with pytest.raises(ValueError, match="sliding-window"):
         generate_batch(model, proc, [BatchItem([random_image(0)], QUESTIONS[0])], "tgv-kv", 0.1, 2)
+
+
+def test_multi_token_append_on_the_packed_cache_equals_token_by_token(llava):
+    """The per-layer validity mask combines with the causal mask when several tokens are appended at once."""
+    from tgvkv.batch import BatchCache, _prefill_one, pack_caches
+    from tgvkv.capture import Recorder, recording
+    from tgvkv.policies import make_policy
+
+    from tgvkv import hf_compat
+
+    model, proc = llava
+    hf_compat.enable_capture(model)
+    items = [BatchItem([random_image(s, (64, 64))], q) for s, q in enumerate(QUESTIONS[:3])]
+    pol = make_policy("pyramidkv")
+    new = torch.tensor([[7, 8], [9, 10], [11, 12]])
+
+    def packed():
+        parts = [_prefill_one(model, proc, it, pol, 0.3, torch.device("cpu")) for it in items]
+        masks: dict = {}
+        layers, _, _ = pack_caches([p[0] for p in parts], 4)
+        starts = torch.tensor([p[2] for p in parts])
+        return BatchCache(layers, masks), masks, starts
+
+    cache, masks, starts = packed()
+    with torch.inference_mode(), recording(Recorder(key_masks=masks)):
+        both = model(input_ids=new, position_ids=starts[:, None] + torch.arange(2), past_key_values=cache).logits
+    cache, masks, starts = packed()
+    with torch.inference_mode(), recording(Recorder(key_masks=masks)):
+        one = [model(input_ids=new[:, i : i + 1], position_ids=starts[:, None] + i, past_key_values=cache).logits
+               for i in range(2)]
+    torch.testing.assert_close(both, torch.cat(one, dim=1), atol=1e-5, rtol=1e-5)
