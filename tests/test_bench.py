@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from tiny_models import random_image, tiny_llava
 
 from tgvkv.bench import bound
