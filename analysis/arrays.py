@@ -110,7 +110,8 @@ def project_2d(hidden: np.ndarray, method: str = "pca", seed: int = 0) -> np.nda
         return PCA(n_components=2, random_state=seed).fit_transform(h)
     if method == "tsne":
         perplexity = float(min(30.0, max(2.0, (len(h) - 1) / 3)))
-        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(h)
+        method_ = "exact" if len(h) <= 300 else "barnes_hut"  # exact is faster (and deterministic) for short prompts
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", method=method_, random_state=seed).fit_transform(h)
     raise ValueError(f"projection must be 'pca' or 'tsne', got {method!r}")
 
 

@@ -74,7 +74,7 @@ def _draw_blocks(ax, d: AttentionData, rows: int) -> None:
     if d.full:  # the causally masked upper-right triangle is empty: room for the totals
         table = "query→key  total  share\n" + "\n".join(
             f"{BLOCK[qk]:>9}  {d.block_sums[qk]:5.1f}  {d.block_sums[qk] / total:5.0%}" for qk in sorted(BLOCK))
-        ax.text(0.98, 0.98, table, transform=ax.transAxes, ha="right", va="top", family="monospace", fontsize=13,
+        ax.text(0.98, 0.98, table, transform=ax.transAxes, ha="right", va="top", family="monospace", fontsize=14,
                 bbox=dict(facecolor="white", alpha=0.9, edgecolor=palette.BOUNDARY, pad=4))
     else:
         cells = [f"{BLOCK[qk]} {d.block_sums[qk]:.1f} ({d.block_sums[qk] / total:.0%})" for qk in sorted(BLOCK)]
@@ -104,13 +104,13 @@ def plot_attention(d: AttentionData) -> Figure:
     return fig
 
 
-def _token_ticks(ax, xtoks: Sequence[str], ytoks: Sequence[str], max_labels: int = 30) -> None:
+def _token_ticks(ax, xtoks: Sequence[str], ytoks: Sequence[str], max_labels: int = 24) -> None:
     for axis, toks, rot in ((ax.xaxis, xtoks, 90), (ax.yaxis, ytoks, 0)):
         if not toks:
             continue
         step = max(1, int(np.ceil(len(toks) / max_labels)))
         ticks = np.arange(0, len(toks), step)
-        axis.set_ticks(ticks, [toks[i] for i in ticks], rotation=rot, fontsize=11 if len(ticks) > 20 else 13)
+        axis.set_ticks(ticks, [toks[i] for i in ticks], rotation=rot, fontsize=14)
 
 
 @projector_style

@@ -14,6 +14,8 @@ from tgvkv.layout import ImageView, TokenLayout, VisionTokenMap, contiguous_runs
 from tgvkv.select import run_selection
 from tgvkv.trace import Trace
 
+from .arrays import block_sums_from_map
+
 # A segment is ("text", n_tokens) or (ImageView, newline_per_row: bool).
 Segment = tuple
 
@@ -108,23 +110,25 @@ def synthetic_hidden(layout: TokenLayout, dim: int = 48, seed: int = 0, mix: flo
 
 def synthetic_trace(layout: TokenLayout | None = None, num_layers: int = 8, keep_ratio: float = 0.2, seed: int = 0,
                     full_maps: bool = True, method: str = "tgv-kv", kept_mask: np.ndarray | None = None) -> Trace:
-    """A complete prefill `Trace` for `layout`; `kept_mask` (L, T) overrides the selection (for a compared method)."""
+    """A complete prefill `Trace` for `layout`, selected by the registered policy `method` on synthetic attention.
+
+    kept_mask (L, T) overrides the selection (e.g. a hand-made method for comparisons). Column sums are recorded for
+    text keys only and attention maps only when `full_maps`, as the engine does for tgv-kv on long prompts.
+    """
     layout = layout or layout_square()
     attn = synthetic_attention(layout, num_layers, seed)
-    sel = run_selection("tgv-kv", attn, layout.image_spans, keep_ratio)
+    sel = run_selection(method, attn, layout.image_spans, keep_ratio)
     q = layout.text_query_positions
     col = np.full((num_layers, layout.seq_len), np.nan)
     col[:, layout.text_positions] = attn[:, :, layout.text_positions].sum(axis=1)
-    from .arrays import block_sums_from_map
-
     mask = sel.kept_mask(layout.seq_len) if kept_mask is None else np.asarray(kept_mask, dtype=bool)
+    hidden = {f"layer_{l}": synthetic_hidden(layout, seed=seed + l, mix=0.1 + 0.1 * l) for l in (0, num_layers // 2, num_layers - 1)}
     return Trace(
-        model="synthetic", method=method, keep_ratio=keep_ratio, protocol="official", question=" ".join(layout.tokens[-8:]),
-        layout=layout, prompt_ids=np.arange(layout.seq_len, dtype=np.int64), num_layers=num_layers, seed=seed,
-        budgets=mask.sum(axis=1).astype(np.int64), kept_mask=mask, scores=sel.scores.astype(np.float32),
-        selection_info=sel.info if method == "tgv-kv" else {},
+        model="synthetic", method=method, keep_ratio=keep_ratio, protocol="official",
+        question=" ".join(layout.tokens[-8:]), layout=layout, prompt_ids=np.arange(layout.seq_len, dtype=np.int64),
+        num_layers=num_layers, seed=seed, budgets=mask.sum(axis=1).astype(np.int64), kept_mask=mask,
+        scores=sel.scores.astype(np.float32), selection_info={k: np.asarray(v) for k, v in sel.info.items()},
         block_sums=block_sums_from_map(attn, layout.is_vision).astype(np.float32), query_positions=q,
         query_rows=attn[:, q, :].astype(np.float32), column_sums=col.astype(np.float32),
-        attention_maps=attn.astype(np.float16) if full_maps else None,
-        hidden_states={f"layer_{l}": synthetic_hidden(layout, seed=seed + l, mix=0.1 + 0.1 * l) for l in (0, num_layers // 2, num_layers - 1)},
+        attention_maps=attn.astype(np.float16) if full_maps else None, hidden_states=hidden,
     )

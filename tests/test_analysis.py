@@ -1,0 +1,345 @@
+"""Numeric tests of the analysis arrays and of the figures built on them (synthetic traces, no model)."""
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from analysis import arrays as A
+from analysis import compute as C
+from analysis import explain, palette
+from analysis.overlay import base_panel, overlay_panels, panel_size, render_kept
+from analysis.synthetic import (build_layout, layout_dynamic, layout_next, layout_square, layout_two_images,
+                                synthetic_attention, synthetic_trace)
+from tgvkv.geometry import kept_grids
+from tgvkv.layout import ImageView
+
+LAYOUTS = {"square": layout_square, "next": layout_next, "dynamic": layout_dynamic, "two_images": layout_two_images}
+
+
+@pytest.fixture(scope="module")
+def traces():
+    """One tgv-kv trace per geometry (keep ratios high enough that small prompts keep some patches)."""
+    ratios = {"square": 0.3, "next": 0.5, "dynamic": 0.5, "two_images": 0.6}
+    return {k: synthetic_trace(f(), num_layers=4, keep_ratio=ratios[k], seed=1) for k, f in LAYOUTS.items()}
+
+
+# -- block sums ---------------------------------------------------------------------------------------------------------
+def test_block_sums_hand_example():
+    attn = np.array([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.2, 0.3, 0.5, 0], [0.1, 0.2, 0.3, 0.4]])
+    vis = np.array([False, True, True, False])
+    got = A.block_sums_from_map(attn, vis)
+    # text queries 0, 3: keys text {0, 3} -> 1 + 0.1 + 0.4; keys vision -> 0.2 + 0.3
+    np.testing.assert_allclose(got, [[1.5, 0.5], [0.7, 1.3]])
+    np.testing.assert_allclose(A.block_entries(vis), [[3, 2], [2, 3]])  # causal (q >= k) entries per block
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_block_sums_equal_attention_totals(name, traces):
+    t = traces[name]
+    attn = np.asarray(t.attention_maps, dtype=np.float64)
+    vis = t.layout.is_vision
+    got = A.block_sums_from_map(attn, vis)  # (L, 2, 2)
+    for q, qs in enumerate((~vis, vis)):
+        for k, ks in enumerate((~vis, vis)):
+            np.testing.assert_allclose(got[:, q, k], attn[:, qs][:, :, ks].sum(axis=(1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(got.sum(axis=(1, 2)), attn.sum(axis=(1, 2)))  # all four blocks = the whole map
+    np.testing.assert_allclose(got.sum(axis=(1, 2)), t.seq_len, rtol=2e-3)  # rows are distributions (float16 maps)
+    data = C.compute_attention(t, 2)
+    np.testing.assert_allclose(data.block_sums, got[2])
+    np.testing.assert_allclose(data.block_sums, t.block_sums[2], rtol=2e-3)
+
+
+def test_attention_fallback_uses_captured_rows():
+    t = synthetic_trace(layout_two_images(), num_layers=3, keep_ratio=0.6, full_maps=False)
+    d = C.compute_attention(t, 1)
+    assert not d.full and d.log_rows.shape == (len(t.query_positions), t.seq_len)
+    np.testing.assert_allclose(d.block_sums, t.block_sums[1])  # the trace's totals, not a partial recount
+    attn = synthetic_attention(t.layout, 3, 0)
+    rows = attn[1, t.query_positions]
+    np.testing.assert_allclose(A.block_sums_from_map(rows, t.layout.is_vision, t.query_positions)[0],
+                               A.block_sums_from_map(attn[1], t.layout.is_vision)[0] - _prefix_text_rows(attn[1], t.layout))
+    assert np.isnan(d.log_rows[0, t.query_positions[0] + 1:]).all()  # causal mask right of the query
+    assert "captured text-query rows only" in explain.attention(d)
+
+
+def _prefix_text_rows(attn, layout):
+    """Block sums of the text queries that were not captured (those before the first image)."""
+    vis = layout.is_vision
+    pre = np.flatnonzero(~vis)[np.flatnonzero(~vis) < layout.first_vision]
+    return np.array([attn[pre][:, ~vis].sum(), attn[pre][:, vis].sum()])
+
+
+def test_block_rectangles_are_inside_their_blocks():
+    vis = layout_two_images().is_vision
+    for (q, k), (r0, r1, c0, c1) in A.block_rectangles(vis).items():
+        assert np.all(vis[r0:r1] == bool(q)) and np.all(vis[c0:c1] == bool(k)) and c0 < r1
+
+
+# -- overlay masks -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_overlay_masks_match_kept_indices(name, traces):
+    t = traces[name]
+    lay, tm = t.layout, t.layout.token_map
+    for layer in range(t.num_layers):
+        d = C.compute_overlay(t, layer)
+        kept_pos = t.kept_positions(layer)
+        cells = np.concatenate([d.positions[v][d.kept[v]] for v in range(len(d.views))])
+        grid_tokens = tm.positions[tm.view_index >= 0]
+        np.testing.assert_array_equal(np.sort(cells), np.intersect1d(kept_pos, grid_tokens))
+        for mine, ref in zip(d.kept, kept_grids(lay, kept_pos)):  # the engine's own implementation
+            np.testing.assert_array_equal(mine, ref)
+        counts = t.kept_mask.sum(axis=0)
+        for v in range(len(d.views)):
+            np.testing.assert_array_equal(d.layer_counts[v], counts[d.positions[v]])
+        assert d.n_kept_vision == np.isin(kept_pos, lay.vision_positions).sum()
+
+
+def test_view_geometry_by_hand():
+    nxt = A.view_position_grids(layout_next(prefix=5))
+    assert [g.shape for g in nxt] == [(4, 4), (6, 8)]
+    assert nxt[0][0, 0] == 5 and nxt[0][3, 3] == 20  # base grid right after the 5-token prefix
+    assert nxt[1][0, 0] == 21 and nxt[1][0, 7] == 28 and nxt[1][1, 0] == 30  # newline at 29 skipped
+    assert nxt[1][5, 7] == 21 + 5 * 9 + 7
+    dyn = A.view_position_grids(layout_dynamic(prefix=5))
+    assert dyn[0].shape == (6, 10) and dyn[0][1, 0] == 15
+    two = A.view_position_grids(layout_two_images(prefix=4, between=5))
+    assert two[0][0, 0] == 4 and two[1][0, 0] == 4 + 16 + 5
+
+
+def test_newline_tokens_never_reach_a_cell():
+    t = synthetic_trace(layout_next(), num_layers=2, keep_ratio=0.5)
+    tm = t.layout.token_map
+    newlines = tm.positions[tm.view_index == -1]
+    assert len(newlines) == 6
+    mask = np.zeros_like(t.kept_mask)
+    mask[:, newlines] = True  # keep only the newline tokens
+    t.kept_mask = mask
+    d = C.compute_overlay(t, 0)
+    assert sum(int(k.sum()) for k in d.kept) == 0 and d.n_kept_vision == 6
+
+
+def test_rendered_panel_greys_evicted_cells_only():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 120, 3), dtype=np.uint8))
+    view = ImageView(0, "image", 3, 3)
+    kept = np.zeros((3, 3), dtype=bool)
+    kept[1, 2] = kept[0, 0] = True
+    base = base_panel(img, view, (120, 120), width=120)
+    out = np.asarray(render_kept(base, kept)).astype(int)
+    src = np.asarray(base).astype(int)
+    for r in range(3):
+        for c in range(3):
+            y, x = 40 * r + 20, 40 * c + 20  # cell centres, away from grid lines and outlines
+            assert np.array_equal(out[y, x], src[y, x]) == bool(kept[r, c])
+    neutral = np.asarray(render_kept(base_panel(None, view, None, 120), kept, has_image=False)).astype(int)
+    kept_px, evicted_px = neutral[20, 20], neutral[20, 60]
+    assert np.argmax(kept_px) == 1 and np.ptp(evicted_px) == 0  # KEPT is bluish green, evicted is plain grey
+
+
+def test_panel_uses_the_view_box():
+    """A dynamic-grid view covering rows 10%..90% of the image never shows the red top band."""
+    px = np.zeros((240, 500, 3), dtype=np.uint8)
+    px[:24] = (255, 0, 0)
+    px[24:] = (0, 0, 255)
+    view = ImageView(0, "image", 6, 10, box=(0.1, 0.0, 0.9, 1.0))
+    assert panel_size(view, (500, 240), 500) == (500, 192)
+    panel = np.asarray(base_panel(Image.fromarray(px), view, (500, 240), 500))
+    assert panel[..., 0].max() == 0 and panel[..., 2].min() == 255
+    next_panels = overlay_panels(C.compute_overlay(synthetic_trace(layout_next(), 2, 0.5), 0), None)
+    assert [p.size for _, p in next_panels] == [(480, 360), (480, 360)]  # 640x480 original, both views whole image
+
+
+def test_two_images_give_one_panel_per_view_with_its_own_image(traces):
+    red, blue = Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))
+    d = C.compute_overlay(traces["two_images"], 0)
+    panels = overlay_panels(d, [red, blue], "counts")
+    assert len(panels) == 2
+    means = [np.asarray(p.convert("L").convert("RGB"), dtype=float).mean() for _, p in panels]
+    assert means[0] != means[1]  # each panel drew its own image underneath
+
+
+def test_text_to_image_scores_per_method():
+    t = synthetic_trace(layout_square(6), num_layers=3, keep_ratio=0.5)
+    s = C.text_to_image_scores(t, 1)
+    np.testing.assert_allclose(s[t.layout.vision_positions], t.selection_info["vision_scores"][1])
+    assert np.isnan(s[t.layout.text_positions]).all()
+    h = synthetic_trace(layout_square(6), num_layers=3, keep_ratio=0.5, method="h2o")
+    vpos = h.layout.vision_positions
+    expect = h.query_rows[1][:, vpos].sum(axis=0)
+    np.testing.assert_allclose(C.text_to_image_scores(h, 1)[vpos], expect, rtol=1e-6)
+    d = C.compute_overlay(h, 1, top_k=3)
+    best = vpos[np.argsort(-expect, kind="stable")[:3]]
+    assert [int(d.positions[v][r, c]) for v, r, c in d.top] == best.tolist()
+
+
+# -- neighbours --------------------------------------------------------------------------------------------------------
+def test_neighbours_orthogonal_clusters():
+    rng = np.random.default_rng(0)
+    text = np.outer(rng.uniform(0.5, 2, 7), [1.0, 0, 0])
+    vision = np.outer(rng.uniform(0.5, 2, 9), [0, 1.0, 0])
+    curves = A.neighbour_curves(np.vstack([text, vision]), np.array([False] * 7 + [True] * 9), k_max=5)
+    np.testing.assert_allclose(curves["text→text"], 1.0)
+    np.testing.assert_allclose(curves["vision→vision"], 1.0)
+    np.testing.assert_allclose(curves["text→vision"], 0.0, atol=1e-12)
+    np.testing.assert_allclose(curves["vision→text"], 0.0, atol=1e-12)
+    assert all(len(c) == 5 for c in curves.values())
+
+
+def test_neighbours_known_angles():
+    ang = np.deg2rad([0.0, 30.0, 90.0])
+    pts = np.stack([np.cos(ang), np.sin(ang)], axis=1)
+    c30, c60 = np.cos(np.deg2rad(30)), np.cos(np.deg2rad(60))
+    got = A.knn_similarity(pts, pts, k_max=5, same_set=True)  # clipped to the 2 other points
+    np.testing.assert_allclose(got, [(c30 + c30 + c60) / 3, ((c30 + 0) / 2 + (c30 + c60) / 2 + (c60 + 0) / 2) / 3])
+    across = A.knn_similarity(pts[:1], pts[1:], k_max=2, same_set=False)
+    np.testing.assert_allclose(across, [c30, (c30 + 0) / 2], atol=1e-12)
+
+
+def test_neighbours_self_excluded_among_duplicates():
+    pts = np.ones((4, 3))
+    np.testing.assert_allclose(A.knn_similarity(pts, pts, 10, same_set=True), [1.0, 1.0, 1.0])
+
+
+def test_projection_separates_modalities(traces):
+    d = C.compute_neighbours(traces["square"], layer=None, k_max=4, projection="pca")
+    assert d.layer_name == "layer_3" and d.projection.shape == (traces["square"].seq_len, 2)
+    tsne = A.project_2d(np.random.default_rng(0).normal(size=(30, 5)), "tsne")
+    assert tsne.shape == (30, 2)
+    with pytest.raises(ValueError, match="projection"):
+        A.project_2d(np.ones((3, 2)), "umap")
+
+
+# -- accumulated attention, budgets, Jaccard ----------------------------------------------------------------------------
+def test_top_budget_keep_and_accumulation(traces):
+    keep = A.top_budget_keep(np.array([[0.1, 0.5, 0.3, 0.5], [1, 2, 3, 4]]), np.array([2, 1]))
+    np.testing.assert_array_equal(keep, [[False, True, False, True], [False, False, False, True]])
+    t = traces["square"]
+    d = C.compute_accumulated(t)
+    np.testing.assert_allclose(d.accumulated, np.asarray(t.attention_maps, np.float64).sum(axis=(0, 1)))
+    np.testing.assert_allclose(d.evicted_method, (~t.kept_mask).mean(axis=0))
+    assert d.share_method["text"] < 0.05 < 0.5 < d.share_attention_only["text"]  # the paper's Fig. 1c contrast
+    t2 = synthetic_trace(layout_two_images(), 2, 0.6, full_maps=False)
+    assert C.compute_accumulated(t2).source == "captured text queries only"
+
+
+def test_budgets_split_by_modality(traces):
+    t = traces["next"]
+    d = C.compute_budgets([t, synthetic_trace(layout_next(), 4, 0.5, seed=1, method="pyramidkv")])
+    np.testing.assert_array_equal(d.text[0] + d.vision[0], t.budgets)
+    np.testing.assert_array_equal(d.vision[0], t.kept_mask[:, t.layout.is_vision].sum(axis=1))
+    assert d.methods == ["tgv-kv", "pyramidkv"] and d.uniform == pytest.approx(0.5 * t.seq_len)
+    assert np.all(np.diff(d.text[1] + d.vision[1]) <= 0)  # PyramidKV: budgets shrink with depth
+
+
+def test_jaccard_known_sets():
+    a, b, c = (np.isin(np.arange(6), s) for s in ([1, 2, 3], [2, 3, 4], []))
+    assert A.jaccard(a, b) == 0.5 and A.jaccard(a, c) == 0.0 and A.jaccard(c, c) == 1.0
+    pairs, vals = A.pairwise_jaccard([a[None], b[None], a[None]])
+    assert pairs == [(0, 1), (0, 2), (1, 2)]
+    np.testing.assert_allclose(vals, [[0.5], [1.0], [0.5]])
+
+
+def test_comparison_checks_inputs(traces):
+    t = traces["square"]
+    with pytest.raises(ValueError, match="at least two"):
+        C.compute_comparison([t], 0)
+    with pytest.raises(ValueError, match="same prompt"):
+        C.compute_comparison([t, traces["next"]], 0)
+    d = C.compute_comparison([t, t], 0)
+    np.testing.assert_allclose(d.jaccard, 1.0)
+    assert d.methods == ["tgv-kv (1)", "tgv-kv (2)"]
+
+
+# -- figures -----------------------------------------------------------------------------------------------------------
+def _figure_cases(t, other):
+    cmp = C.compute_comparison([t, other], 1)
+    return {  # name: (data, extra args, expected plotly traces, expected matplotlib axes incl. colorbars)
+        "neighbours": (C.compute_neighbours(t, 3, k_max=4), (), 6, 2),
+        "attention": (C.compute_attention(t, 1), (), 2, 3),
+        "accumulated": (C.compute_accumulated(t), (), 3, 3),
+        "overlay": (C.compute_overlay(t, 1), (None,), 4 * len(t.layout.views), 2 * len(t.layout.views) + 1),
+        "budgets": (C.compute_budgets([t, other]), (), 4, 1),
+        "comparison": (cmp, (None,), 2 + 2 * 2 * len(t.layout.views), 1 + 2 * len(t.layout.views)),
+    }
+
+
+@pytest.mark.parametrize("name", ["square", "next"])
+def test_figures_build_in_both_backends(name, traces):
+    from analysis import plots_mpl, plots_plotly
+
+    t = traces[name]
+    other = synthetic_trace(LAYOUTS[name](), 4, t.keep_ratio, seed=1, method="snapkv")
+    for kind, (data, extra, n_traces, n_axes) in _figure_cases(t, other).items():
+        pfig = getattr(plots_plotly, f"plot_{kind}")(data, *extra)
+        mfig = getattr(plots_mpl, f"plot_{kind}")(data, *extra)
+        caption = getattr(explain, kind)(data)
+        assert len(pfig.data) == n_traces, kind
+        assert len(mfig.axes) == n_axes, kind
+        assert pfig.layout.title.text == caption
+        assert mfig.get_suptitle().replace("\n", " ") == caption
+        assert mfig.dpi >= 150 and all(tx.get_fontsize() >= 14 for tx in mfig.axes[0].texts if tx.get_text())
+    assert matplotlib.rcParams["font.size"] == matplotlib.rcParamsDefault["font.size"]  # style stayed local
+
+
+def test_modality_colours_are_shared(traces):
+    from analysis import plots_mpl, plots_plotly
+
+    d = C.compute_accumulated(traces["square"])
+    pfig = plots_plotly.plot_accumulated(d)
+    assert [tr.marker.color for tr in pfig.data[:2]] == [palette.TEXT, palette.VISION]
+    bars = plots_mpl.plot_accumulated(d).axes[0].containers
+    got = [matplotlib.colors.to_hex(b.patches[0].get_facecolor()).upper() for b in bars]
+    assert got == [palette.TEXT, palette.VISION]
+
+
+def test_plotly_hover_names_tokens(traces):
+    from analysis import plots_plotly
+
+    t = traces["square"]
+    fig = plots_plotly.plot_attention(C.compute_attention(t, 0))
+    assert fig.data[0].hovertext[150][7].startswith(f"query {t.layout.tokens[150]!r} @ 150")
+    ov = plots_plotly.plot_overlay(C.compute_overlay(t, 0))
+    pos = A.view_position_grids(t.layout)[0]
+    assert f"position {pos[2, 3]}" in ov.data[1].hovertext[2][3]
+
+
+def test_explain_overlay_states_counts(traces):
+    t = traces["square"]
+    d = C.compute_overlay(t, 2)
+    n = int(t.kept_mask[2, t.layout.vision_positions].sum())
+    v, r, c = d.top[0]
+    assert explain.overlay(d) == f"Layer 2 (tgv-kv) keeps {n} of 144 patches; top text→image patch: image row {r} col {c}"
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".npz", ".json"])
+def test_cli_renders_saved_trace(tmp_path, suffix):
+    from analysis.figures import main
+
+    t = synthetic_trace(layout_two_images(), 3, 0.6)
+    other = synthetic_trace(layout_two_images(), 3, 0.6, method="h2o")
+    t.hidden_states = {} if suffix == ".json" else t.hidden_states
+    paths = [t.save(tmp_path / f"a{suffix}"), other.save(tmp_path / f"b{suffix}")]
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "img.png")
+    out = tmp_path / "figs"
+    formats = "png,svg" if suffix == ".npz" else "png"
+    args = ["--trace", str(paths[0]), "--out", str(out), "--layer", "1", "--formats", formats]
+    if suffix == ".npz":
+        args += ["--compare", str(paths[1]), "--image", str(tmp_path / "img.png"), str(tmp_path / "img.png")]
+    assert main(args) == 0
+    caps = json.loads((out / "captions.json").read_text())
+    names = {"attention", "accumulated", "overlay", "budgets"} | ({"neighbours", "comparison"} if suffix == ".npz" else set())
+    assert set(caps["figures"]) == names
+    assert ("neighbours" in caps["skipped"]) == (suffix == ".json")
+    for n in names:
+        with Image.open(out / f"{n}.png") as im:
+            assert im.size[0] > 800 and im.info["dpi"][0] == pytest.approx(150, abs=1)
+        assert suffix == ".json" or (out / f"{n}.svg").stat().st_size > 1000
+    assert caps["figures"]["overlay"] == explain.overlay(C.compute_overlay(t, 1))
+    assert sorted(p.name for p in out.glob("overlay_*_view*.png")) == [f"overlay_{k}_view{v}.png" for k in ("counts", "kept") for v in (0, 1)]
