@@ -128,7 +128,8 @@ class BatchCache(Cache):
 def pack_caches(caches: Sequence[EvictingCache], extra: int) -> tuple[list[PaddedLayer], np.ndarray, int]:
     """Pack evicted batch-1 caches into per-layer padded layers with room for `extra` new tokens.
 
-    Returns (layers, S_l per layer, bytes of the prompt part incl. padding).
+    Consumes the caches: each layer's per-sample tensors are released once copied, so the peak is about one copy of
+    the batch's KV plus one layer. Returns (layers, S_l per layer, bytes of the prompt part incl. padding).
     """
     B, L = len(caches), len(caches[0].layers)
     layers, lengths, prompt_bytes = [], np.zeros(L, dtype=np.int64), 0
@@ -145,6 +146,9 @@ def pack_caches(caches: Sequence[EvictingCache], extra: int) -> tuple[list[Padde
             kbuf[b, :, : n[b]] = ks[b][0]
             vbuf[b, :, : n[b]] = vs[b][0]
             valid[b, : n[b]] = True
+        del ks, vs
+        for c in caches:
+            c.layers[l].keys = c.layers[l].values = None
         layers.append(PaddedLayer(kbuf, vbuf, valid, S))
         lengths[l] = S
         prompt_bytes += 2 * B * H * S * D * kbuf.element_size()
