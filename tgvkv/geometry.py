@@ -295,17 +295,20 @@ def idefics3_geometry(config, processor, inputs, spans, image_sizes) -> tuple[li
     (side = image_size / patch_size / scale_factor, row-major). Views per image: "tiles", the sub-images put
     together as one (rows * side) x (cols * side) mosaic covering the whole image, and "global". The tags and
     `<fake_token_around_image>` are text tokens (only `<image>` tokens are vision). The grid comes from the tags
-    the processor wrote into the prompt, so it is whatever the processor decided."""
+    the processor wrote into the prompt, so it is whatever the processor decided.
+    SmolVLM video frames are `<global-img>` images too: those after the first len(image_sizes) images are taken
+    as frames of one video (image_index = number of images, views "video 1 frame f")."""
     vc = config.vision_config
     side = (vc.image_size // vc.patch_size) // int(getattr(config, "scale_factor", 1) or 1)
     ids = _input_ids(inputs)
     runs = contiguous_runs(ids == int(config.image_token_id))
     tok = getattr(processor, "tokenizer", processor)
     tags = tok.convert_ids_to_tokens([int(ids[s - 1]) if s > 0 else -1 for s, _ in runs]) if runs else []
+    n_globals = sum(1 for t in tags if not (t and _ROW_COL.match(t)))
+    n_images = len(image_sizes) if image_sizes else n_globals  # the rest are video frames
     views: list[ImageView] = []
     entries: list = []
-    image, pending = 0, []  # pending: (run, i, j) tiles of the current image
-    n_images = sum(1 for t in tags if not (t and _ROW_COL.match(t)))
+    k, pending = 0, []  # k: index of the current global image; pending: (run, i, j) tiles of the current image
     for (s, e), tag in zip(runs, tags):
         if e - s != side * side:
             raise ValueError(f"an image run of {e - s} tokens does not match a {side}x{side} sub-image grid")
@@ -313,15 +316,18 @@ def idefics3_geometry(config, processor, inputs, spans, image_sizes) -> tuple[li
         if match:
             pending.append(((s, e), int(match.group(1)) - 1, int(match.group(2)) - 1))
             continue
-        label = "" if n_images == 1 else f"image {image + 1} "
+        if k < n_images:
+            image, label, glob = k, ("" if n_images == 1 else f"image {k + 1} "), "global"
+        else:
+            image, label, glob = n_images, "video 1 ", f"frame {k - n_images + 1}"
         if pending:
             rows, cols = max(p[1] for p in pending) + 1, max(p[2] for p in pending) + 1
             views.append(ImageView(image_index=image, name=f"{label}tiles", rows=rows * side, cols=cols * side))
             for (ts, te), i, j in pending:
-                entries += [(ts + k, image, len(views) - 1, i * side + k // side, j * side + k % side) for k in range(te - ts)]
-        views.append(ImageView(image_index=image, name=f"{label}global", rows=side, cols=side))
+                entries += [(ts + q, image, len(views) - 1, i * side + q // side, j * side + q % side) for q in range(te - ts)]
+        views.append(ImageView(image_index=image, name=f"{label}{glob}", rows=side, cols=side))
         entries += _grid_entries(np.arange(s, e), image, len(views) - 1, side, side)
-        image, pending = image + 1, []
+        k, pending = k + 1, []
     if pending:
         raise ValueError("sub-image tiles without their global image in the prompt")
     return views, build_token_map(entries)

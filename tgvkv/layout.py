@@ -6,6 +6,7 @@ model family lives in `tgvkv.geometry`; this module only holds the result.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -63,7 +64,7 @@ class TokenLayout:
     @classmethod
     def from_spans(cls, seq_len: int, image_spans: Sequence[tuple[int, int]]) -> "TokenLayout":
         """A layout with no grid geometry: enough for every policy (`tgvkv.select`)."""
-        return cls(seq_len=int(seq_len), image_spans=[(int(s), int(e)) for s, e in image_spans])
+        return cls(seq_len=int(seq_len), image_spans=list(image_spans))  # __post_init__ validates and makes ints
 
     # -- derived views -----------------------------------------------------------------------------------------
     @property
@@ -144,9 +145,10 @@ def validate_spans(spans: Sequence[tuple[int, int]], seq_len: int) -> list[tuple
     out: list[tuple[int, int]] = []
     prev_end = 0
     for span in spans:
-        if len(span) != 2:
-            raise ValueError(f"image span {span!r} is not a (start, end) pair")
-        s, e = int(span[0]), int(span[1])
+        try:
+            s, e = (operator.index(x) for x in span)  # integers only: 2.5 or "3" is a caller's mistake, not a position
+        except (TypeError, ValueError):
+            raise ValueError(f"image span {span!r} is not a (start, end) pair of integers") from None
         if not (0 <= s < e <= seq_len):
             raise ValueError(
                 f"image span ({s}, {e}) lies outside the sequence of {seq_len} tokens (need 0 <= start < end <= {seq_len})"

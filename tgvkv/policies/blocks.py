@@ -120,6 +120,13 @@ def check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
+def check_number(name: str, value: object, minimum: float) -> float:
+    """Validate a finite real hyper-parameter >= minimum (bools and strings rejected). Raises ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     """Validate a string option against its allowed values. Raises ValueError."""
     if value not in choices:

@@ -66,8 +66,7 @@ class TGVAblation(Policy):
             blocks.check_choice(opt, getattr(self, opt), choices)
         blocks.check_int("window_size", self.window_size, 1)
         blocks.check_int("sinks", self.sinks, 0)
-        if isinstance(self.text_offset, bool) or not np.isfinite(self.text_offset) or self.text_offset < 0:
-            raise ValueError(f"text_offset must be a finite number >= 0, got {self.text_offset!r}")
+        blocks.check_number("text_offset", self.text_offset, 0)
         blocks.check_bool("decode", self.decode)
         if type(self) is not TGVAblation:  # a named row: its components are its identity
             defaults = {f.name: f.default for f in dataclasses.fields(self)}

@@ -59,6 +59,11 @@ class TGVKV(Policy):
     text_offset: float = blocks.OFFICIAL_TEXT_OFFSET
     decode: bool = True  # also evict during decoding (official)
 
+    def __post_init__(self) -> None:
+        blocks.check_int("sinks", self.sinks, 0)
+        blocks.check_number("text_offset", self.text_offset, 0)
+        blocks.check_bool("decode", self.decode)
+
     def request(self, layout: TokenLayout) -> StatRequest:
         _require_vision(layout, self.name)
         return StatRequest(query_positions=layout.text_query_positions, column_sums="text")
