@@ -1,0 +1,207 @@
+"""TGV-KV Explorer, the Gradio app: `python app.py` (bundled demo model), `python app.py --help` for options.
+
+Layout only; the handlers are plain functions in tgvkv/webapp/handlers.py and every event is a named API endpoint
+(`/compare`, `/diagnostics`, `/overlay`, `/attention`, `/compare_methods`, `/export`) callable with gradio_client.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from tgvkv.webapp import models  # noqa: E402
+from tgvkv.webapp.components import ImageInput  # noqa: E402
+from tgvkv.webapp.examples import EXAMPLES_DIR, load_examples  # noqa: E402
+from tgvkv.webapp.handlers import (  # noqa: E402
+    DEFAULT_KEEP_PERCENT,
+    DEFAULT_MAX_NEW_TOKENS,
+    KEEP_PERCENT_RANGE,
+    MAX_NEW_TOKENS_UI,
+    MAX_SIDE,
+    make_ui_handlers,
+    method_choices,
+)
+
+MAX_UPLOAD = "10mb"
+STATE_TTL_S = 3600
+
+CSS = """
+.gradio-container {max-width: 1500px !important}
+#title h1 {margin-bottom: 0}
+.answer {border: 1px solid #d0d7de; border-radius: 10px; padding: 12px 14px; min-height: 120px; background: #fff}
+.answer-full {border-left: 6px solid #0072B2}
+.answer-evicted {border-left: 6px solid #E69F00}
+.answer-title {font-weight: 600; font-size: 0.95rem; color: #444; margin-bottom: 6px}
+.answer-text {font-size: 1.35rem; line-height: 1.6; color: #111}
+.answer-text .tok.div {background: #fde2cf; border-bottom: 3px solid #D55E00; border-radius: 3px}
+.answer-meta {margin-top: 8px; font-size: 0.85rem; color: #555}
+.answer-meta .same {color: #007a5a; font-weight: 600}
+.answer-meta .differs {color: #D55E00; font-weight: 600}
+.caption {font-size: 0.95rem; color: #333}
+.explain {font-size: 1.15rem; line-height: 1.55}
+.explain h3 {font-size: 1.6rem} .explain h4 {font-size: 1.3rem}
+"""
+
+INTRO = (
+    "# TGV-KV Explorer\n"
+    "Ask a vision-language model about an image twice: once with its **full KV cache** and once with the cache "
+    "**evicted** by TGV-KV (text-grounded KV eviction) or a baseline, then see where the answers part, how far the "
+    "evicted model's beliefs drift per token, and which image patches each layer kept. Start with an example below."
+)
+
+
+def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int = 1) -> gr.Blocks:
+    """The page layout and its events; `policy` is what the operator allows (from the command line)."""
+    h = make_ui_handlers(policy)
+    heavy = dict(concurrency_limit=concurrency, concurrency_id="model")
+    model_choices = models.choices()
+    if policy.default_model not in [v for _, v in model_choices]:
+        model_choices.insert(0, (f"{policy.default_model} (set by the operator)", policy.default_model))
+
+    with gr.Blocks(title="TGV-KV Explorer") as demo:
+        run_state = gr.State(None, time_to_live=STATE_TTL_S)
+        gr.Markdown(INTRO, elem_id="title")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=4, min_width=360):
+                image = ImageInput(type="filepath", label=f"Image (larger sides are downscaled to {MAX_SIDE} px)",
+                                   sources=["upload", "clipboard"], height=300, elem_id="image")
+                question = gr.Textbox(label="Question", placeholder="what color is the triangle ?", lines=1,
+                                      max_lines=3, elem_id="question")
+                model = gr.Dropdown(model_choices, value=policy.default_model, label="Model", allow_custom_value=True,
+                                    info="bundled demo, a hub id (needs network)"
+                                    + (", or a local folder" if policy.allow_local else ""), elem_id="model")
+                method = gr.Dropdown(method_choices(), value="tgv-kv", label="Eviction method", elem_id="method")
+                keep = gr.Slider(*KEEP_PERCENT_RANGE, value=DEFAULT_KEEP_PERCENT, step=1, elem_id="keep",
+                                 label="Keep ratio: % of the KV cache kept")
+                max_new = gr.Slider(1, MAX_NEW_TOKENS_UI, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="Max new tokens",
+                                    elem_id="max-new")
+                run_btn = gr.Button("Run full vs evicted", variant="primary", elem_id="run")
+                scene_rows = [[e.path.as_posix(), e.question, models.DEMO] for e in load_examples("scene")]
+                photo_rows = [[e.path.as_posix(), e.question] for e in load_examples("photo")]
+                scene_ex = gr.Examples(scene_rows, [image, question, model], label="Synthetic scenes (demo model)",
+                                       example_labels=[r[1] for r in scene_rows], visible_columns=[0, 1],
+                                       cache_examples=False, examples_per_page=8, elem_id="scene-examples")
+                photo_ex = gr.Examples(photo_rows, [image, question], label="Photos (for hub models)",
+                                       example_labels=[r[1] for r in photo_rows], cache_examples=False,
+                                       elem_id="photo-examples")
+            with gr.Column(scale=6, min_width=480):
+                with gr.Row(equal_height=True):
+                    full_html = gr.HTML('<div class="answer answer-full"><div class="answer-title">Full KV cache</div>'
+                                        '<div class="answer-text">…</div></div>', elem_id="answer-full")
+                    evicted_html = gr.HTML('<div class="answer answer-evicted"><div class="answer-title">Evicted KV'
+                                           '</div><div class="answer-text">…</div></div>', elem_id="answer-evicted")
+                kl_plot = gr.Plot(label="Per-step divergence", elem_id="kl-plot")
+                kl_caption = gr.Markdown(elem_classes="caption", elem_id="kl-caption")
+                metrics = gr.Markdown(elem_id="metrics")
+                with gr.Accordion("Raw numbers (JSON, also returned by the /compare endpoint)", open=False):
+                    summary_json = gr.JSON(label="run summary", elem_id="summary")
+
+        with gr.Tabs():
+            with gr.Tab("Retained patches", id="overlay"):
+                with gr.Row():
+                    overlay_layer = gr.Slider(0, 1, value=0, step=1, label="Layer", elem_id="overlay-layer")
+                    overlay_mode = gr.Radio(["layer", "all layers"], value="layer", label="Show",
+                                            info="kept patches of one layer, or how many layers keep each patch")
+                overlay_img = gr.Image(type="pil", label="Retained patches", format="png", height=480,
+                                       elem_id="overlay-image", interactive=False)
+                overlay_caption = gr.Markdown(elem_classes="caption", elem_id="overlay-caption")
+            with gr.Tab("Budgets per layer", id="budgets"):
+                budgets_plot = gr.Plot(elem_id="budgets-plot")
+                budgets_caption = gr.Markdown(elem_classes="caption")
+            with gr.Tab("Attention map", id="attention"):
+                attn_layer = gr.Slider(0, 1, value=0, step=1, label="Layer", elem_id="attention-layer")
+                attn_plot = gr.Plot(elem_id="attention-plot")
+                attn_caption = gr.Markdown(elem_classes="caption")
+            with gr.Tab("Cosine neighbours", id="neighbours"):
+                neigh_plot = gr.Plot(elem_id="neighbours-plot")
+                neigh_caption = gr.Markdown(elem_classes="caption")
+            with gr.Tab("Accumulated attention", id="accumulated"):
+                acc_plot = gr.Plot(elem_id="accumulated-plot")
+                acc_caption = gr.Markdown(elem_classes="caption")
+            with gr.Tab("Explain", id="explain"):
+                with gr.Column(elem_classes="explain"):
+                    ex_intro = gr.Markdown("Run a comparison to get a walkthrough of this input.")
+                    ex_tvb = gr.Markdown()
+                    ex_tvb_fig = gr.Plot(show_label=False)
+                    ex_twr = gr.Markdown()
+                    ex_twr_fig = gr.Plot(show_label=False)
+                    ex_tpr = gr.Markdown()
+                    ex_tpr_img = gr.Image(type="pil", format="png", show_label=False, height=420, interactive=False)
+            with gr.Tab("Compare methods", id="compare"):
+                gr.Markdown("Two methods on the image, question, model and keep ratio above.")
+                with gr.Row():
+                    cmp_a = gr.Dropdown(method_choices(), value="tgv-kv", label="Method A")
+                    cmp_b = gr.Dropdown(method_choices(), value="h2o" if "h2o" in dict(method_choices()).values()
+                                        else "random", label="Method B")
+                    cmp_layer = gr.Number(value=None, precision=0, label="Layer for the overlays (empty: last)")
+                cmp_btn = gr.Button("Compare the two methods", elem_id="compare-run")
+                cmp_md = gr.Markdown(elem_classes="caption")
+                cmp_plot = gr.Plot(elem_id="compare-plot")
+                cmp_budgets = gr.Plot()
+            with gr.Tab("Export", id="export"):
+                gr.Markdown("Download the evicted run's trace (`Trace.load` reads NPZ and JSON back), the full run's "
+                            "trace, every figure as PNG and SVG, and a run card (model, method, budget, versions, "
+                            "seed) — one by one or as a zip.")
+                export_btn = gr.Button("Export this run", elem_id="export-run")
+                export_md = gr.Markdown()
+                export_files = gr.File(label="Files", file_count="multiple", interactive=False, elem_id="export-files")
+
+        run_inputs = [image, question, model, method, keep, max_new]
+        run_outputs = [run_state, full_html, evicted_html, kl_plot, kl_caption, metrics, summary_json]
+        diag_outputs = [overlay_layer, attn_layer, overlay_img, overlay_caption, budgets_plot, budgets_caption,
+                        attn_plot, attn_caption, neigh_plot, neigh_caption, acc_plot, acc_caption,
+                        ex_intro, ex_tvb_fig, ex_tvb, ex_twr_fig, ex_twr, ex_tpr_img, ex_tpr]
+
+        run_event = gr.on([run_btn.click, question.submit], h["run"], run_inputs, run_outputs, api_name="compare",
+                          **heavy)
+        run_event.success(h["diagnostics"], [run_state], diag_outputs, api_name="diagnostics", **heavy)
+        for ex in (scene_ex, photo_ex):
+            ex.load_input_event.then(h["run"], run_inputs, run_outputs, api_visibility="private", **heavy).success(
+                h["diagnostics"], [run_state], diag_outputs, api_visibility="private", **heavy)
+        gr.on([overlay_layer.release, overlay_mode.input], h["overlay"], [run_state, overlay_layer, overlay_mode],
+              [overlay_img, overlay_caption], api_name="overlay", trigger_mode="always_last")
+        attn_layer.release(h["attention"], [run_state, attn_layer], [attn_plot, attn_caption], api_name="attention",
+                           trigger_mode="always_last")
+        cmp_btn.click(h["compare_methods"], [image, question, model, cmp_a, cmp_b, keep, max_new, cmp_layer],
+                      [cmp_plot, cmp_budgets, cmp_md], api_name="compare_methods", **heavy)
+        export_btn.click(h["export"], [run_state], [export_files, export_md], api_name="export")
+    return demo
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="TGV-KV Explorer (Gradio app)")
+    p.add_argument("--model", default=models.DEMO, help="default model: 'demo' (bundled), a hub id or a folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 inside containers / Spaces)")
+    p.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    p.add_argument("--allow-local-models", action="store_true",
+                   help="let visitors load model folders from this machine's disk (off by default; keep it off on Spaces)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow hub models to run their own code (off)")
+    p.add_argument("--concurrency", type=int, default=1, help="model runs at the same time (default 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--preload", action="store_true", help="load the default model before serving")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    on_spaces = bool(os.environ.get("SPACE_ID"))
+    policy = models.ModelPolicy(default_model=args.model, allow_local=args.allow_local_models,
+                                trust_remote_code=args.trust_remote_code, device=args.device, dtype=args.dtype)
+    if args.preload or on_spaces:
+        models.get_model(args.model, policy)  # ZeroGPU wants weights placed at start-up, outside GPU functions
+    demo = build_ui(policy, args.concurrency)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=32)
+    demo.launch(server_name="0.0.0.0" if on_spaces else args.host, server_port=args.port, share=args.share,
+                max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css=CSS,
+                show_error=True)
+
+
+if __name__ == "__main__":
+    main()

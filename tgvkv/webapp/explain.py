@@ -1,0 +1,181 @@
+"""The Explain tab: a guided TVB -> TWR -> TPR walkthrough of the current run, computed from its trace.
+
+For a TGV-KV run the numbers are the ones the policy used (``trace.selection_info``). For any other method the same
+quantities are recomputed from the captured text-query attention rows, so a visitor can see what TGV-KV *would* have
+looked at, next to what the chosen method actually kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from ..trace import Trace
+
+if TYPE_CHECKING:
+    from .handlers import RunState
+
+TEXT_COLOUR, VISION_COLOUR, HIGHLIGHT = "#0072B2", "#E69F00", "#D55E00"
+FONT = dict(size=17)  # projector-readable
+
+
+@dataclass
+class TGVQuantities:
+    """TVB mass per layer, TWR text weights and vision scores (as in tgvkv/policies/tgv_kv.py)."""
+
+    mass: np.ndarray  # (L,) text->vision attention mass s_l
+    text_positions: np.ndarray  # (Q,) the text queries after the first image (official "post" region)
+    text_weights: np.ndarray  # (L, Q) w_k: attention a text token receives from later text, per seeing query
+    vision_scores: np.ndarray  # (L, V) sum_q TI[q, v] * w_q
+    from_policy: bool  # True: read from the TGV-KV selection; False: recomputed from captured attention rows
+
+
+def tgv_quantities(trace: Trace) -> TGVQuantities:
+    lay = trace.layout
+    q = lay.text_query_positions
+    info = trace.selection_info
+    if all(k in info for k in ("tvb_mass", "text_weights", "vision_scores")):
+        return TGVQuantities(np.asarray(info["tvb_mass"], float), q, np.asarray(info["text_weights"], float),
+                             np.asarray(info["vision_scores"], float), True)
+    if trace.query_rows is None or trace.query_positions is None or not np.all(np.isin(q, trace.query_positions)):
+        raise ValueError("the trace holds no attention rows for the text queries; cannot explain text grounding")
+    rows = np.asarray(trace.query_rows, dtype=np.float64)[:, np.searchsorted(trace.query_positions, q), :]  # (L, Q, T)
+    ti = rows[:, :, lay.vision_positions]  # (L, Q, V)
+    tt = rows[:, :, q]  # (L, Q, Q)
+    seeing = (q[:, None] >= q[None, :]).sum(axis=0)  # queries that can see each text key
+    w = tt.sum(axis=1) / np.maximum(seeing, 1)
+    return TGVQuantities(ti.sum(axis=(1, 2)), q, w, np.einsum("lqv,lq->lv", ti, w), False)
+
+
+def _place(row: int, col: int, rows: int, cols: int) -> str:
+    """Words for where a patch is: the 3x3 position names of the demo scenes."""
+    r, c = min(2, row * 3 // max(rows, 1)), min(2, col * 3 // max(cols, 1))
+    if (r, c) == (1, 1):
+        return "center"
+    return f"{('top', 'middle', 'bottom')[r]} {('left', 'middle', 'right')[c]}"
+
+
+def _token(tokens: list[str], p: int) -> str:
+    t = tokens[p] if p < len(tokens) else f"#{p}"
+    return t.replace("▁", " ").replace("Ġ", " ").strip() or "␣"
+
+
+def tvb_figure(trace: Trace, tq: TGVQuantities) -> go.Figure:
+    L, T = trace.num_layers, trace.seq_len
+    share = tq.mass / max(tq.mass.sum(), 1e-12)
+    budgets = trace.budgets if trace.budgets is not None else np.full(L, T)
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(x=np.arange(L), y=share * 100, name="share of text→image attention (%)",
+                         marker_color=VISION_COLOUR, hovertemplate="layer %{x}: %{y:.1f}%<extra></extra>"), secondary_y=False)
+    fig.add_trace(go.Scatter(x=np.arange(L), y=budgets, name=f"kept prompt tokens ({trace.method})", mode="lines+markers",
+                             line=dict(color=TEXT_COLOUR, width=4), marker=dict(size=11)), secondary_y=True)
+    fig.add_trace(go.Scatter(x=[-0.5, L - 0.5], y=[trace.keep_ratio * T] * 2, name="uniform budget", mode="lines",
+                             line=dict(color="#555", dash="dash", width=2)), secondary_y=True)
+    fig.update_layout(template="simple_white", height=380, font=FONT, margin=dict(t=30, b=50),
+                      legend=dict(orientation="h", y=1.12, x=0), bargap=0.25)
+    fig.update_xaxes(title_text="layer", dtick=1 if L <= 40 else None)
+    fig.update_yaxes(title_text="text→image share (%)", secondary_y=False)
+    fig.update_yaxes(title_text="kept tokens", secondary_y=True, rangemode="tozero")
+    return fig
+
+
+def twr_figure(trace: Trace, tq: TGVQuantities, top: int = 3) -> go.Figure:
+    tokens = list(trace.layout.tokens)
+    w = tq.text_weights.mean(axis=0)
+    labels = [f"{_token(tokens, p)} @{p}" for p in tq.text_positions]
+    best = set(np.argsort(-w)[:top].tolist())
+    colours = [HIGHLIGHT if i in best else TEXT_COLOUR for i in range(len(w))]
+    fig = go.Figure(go.Bar(x=w, y=labels, orientation="h", marker_color=colours,
+                           hovertemplate="%{y}: weight %{x:.3f}<extra></extra>"))
+    fig.update_layout(template="simple_white", height=max(260, 34 * len(w) + 90), font=FONT, margin=dict(t=20, l=10),
+                      xaxis_title="text weight w (mean over layers)")
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    return fig
+
+
+def walkthrough(run: "RunState") -> dict[str, Any]:
+    """Markdown + figures for the Explain tab: keys intro, tvb, tvb_figure, twr, twr_figure, tpr, tpr_image."""
+    from analysis import compute_overlay, overlay_panels
+
+    trace = run.evicted
+    lay, L, T = trace.layout, trace.num_layers, trace.seq_len
+    n_text, n_vis = T - lay.n_vision, lay.n_vision
+    out: dict[str, Any] = {"tvb_figure": None, "twr_figure": None, "tpr_image": None}
+    try:
+        tq = tgv_quantities(trace)
+    except ValueError as e:
+        out.update(intro=f"### Walkthrough unavailable\n{e}", tvb="", twr="", tpr="")
+        return out
+    source = ("These are the numbers TGV-KV used for this run." if tq.from_policy else
+              f"This run used **{trace.method}**, not TGV-KV: the numbers below are what TGV-KV *would* compute from "
+              "the same attention; the budgets and kept patches shown are the ones **" + trace.method + "** chose.")
+    out["intro"] = (
+        f"### How TGV-KV decides what to keep\nQuestion: **{run.question}** · prompt of **{T} tokens** "
+        f"({n_vis} image tokens, {n_text} text tokens) · **{L} layers** · keep **{trace.keep_ratio:.0%}** of the KV "
+        f"cache, i.e. about **{trace.keep_ratio * T:.0f} tokens per layer** on average.\n\n"
+        "TGV-KV lets the **text** decide, in three steps: **TVB** splits the memory between layers, **TWR** ranks the "
+        "image patches, **TPR** protects the text. " + source)
+
+    # Step 1: TVB
+    share = tq.mass / max(tq.mass.sum(), 1e-12)
+    budgets = trace.budgets if trace.budgets is not None else np.full(L, T)
+    order = np.argsort(-share)
+    hi, lo = int(order[0]), int(order[-1])
+    capped = np.flatnonzero(budgets >= T)
+    out["tvb_figure"] = tvb_figure(trace, tq)
+    out["tvb"] = (
+        "#### Step 1 · TVB, text-vision budgeting: which layers get memory\n"
+        f"Each layer's budget is proportional to how much attention its text tokens pay to the image. "
+        f"**Layer {hi}** carries **{share[hi]:.0%}** of all text→image attention and keeps **{budgets[hi]}** tokens; "
+        f"**layer {lo}** carries only {share[lo]:.0%} and keeps **{budgets[lo]}**"
+        + (" (the floor: 4 sink tokens + the last token)" if budgets[lo] <= 5 else "") + ". "
+        f"A uniform split would give every layer {trace.keep_ratio * T:.0f}."
+        + (f" Layers {', '.join(map(str, capped))} asked for more than the whole prompt; the official rule keeps "
+           f"all {T} there and does not hand the surplus to other layers." if len(capped) and trace.keep_ratio < 1 else "")
+        + "\n\n*What to notice:* the orange bars (attention share) and the blue line (kept tokens) rise and fall "
+          "together: memory goes where the question actually looks at the image.")
+
+    # Step 2: TWR
+    tokens = list(lay.tokens)
+    w = tq.text_weights.mean(axis=0)
+    top = np.argsort(-w)[:3]
+    names = ", ".join(f"**{_token(tokens, int(tq.text_positions[i]))!s}** ({w[i]:.2f})" for i in top)
+    out["twr_figure"] = twr_figure(trace, tq)
+    out["twr"] = (
+        "#### Step 2 · TWR, text-weighted ranking: which words count\n"
+        "An image patch scores the attention it gets from each text token, weighted by how important that text token "
+        "is, and a text token is important when later text tokens attend to it (its weight w = attention received "
+        f"per text token that can see it). The heaviest text tokens here: {names}.\n\n"
+        "*What to notice:* content words of the question (the object, the colour, the position) should outweigh "
+        "template tokens; if punctuation or chat-template tokens win, the ranking is driven by position, not meaning.")
+
+    # Step 3: TPR + winners
+    layer = run.default_layer()
+    kept = trace.kept_mask if trace.kept_mask is not None else np.ones((L, T), bool)
+    text_kept = kept[:, ~lay.is_vision].sum(axis=1)
+    full_text_layers = np.flatnonzero(text_kept == n_text)
+    lost = np.flatnonzero(text_kept < n_text)
+    tpr = (f"#### Step 3 · TPR, text-prioritised retention: text first, then the best patches\n"
+           f"Text is kept before any image patch: all {n_text} text tokens survive in **{len(full_text_layers)} of {L}** "
+           "layers" + (f"; layers {', '.join(map(str, lost))} lose some text because their budget "
+                       f"({', '.join(str(int(budgets[l])) for l in lost)}) is smaller than the text." if len(lost) else ".")
+           + " The rest of each budget goes to the top-ranked patches.")
+    try:
+        ov = compute_overlay(trace, layer, top_k=5)
+        panels = overlay_panels(ov, [run.image], "kept")
+        out["tpr_image"] = panels[0][1]
+        wins = []
+        for v, r, c in ov.top:
+            view = ov.views[v]
+            wins.append(f"row {r}, col {c} ({_place(r, c, view.rows, view.cols)})")
+        tpr += (f"\n\nIn **layer {layer}** (largest budget) the image keeps **{ov.n_kept_vision} of {ov.n_vision}** "
+                f"patches. Top text→image patches (red boxes): {'; '.join(wins)}.")
+    except (ValueError, AttributeError) as e:
+        tpr += f"\n\n(No patch overlay for this model: {e})"
+    out["tpr"] = tpr + ("\n\n*What to notice:* the coloured patches are what the model can still see; on the demo "
+                        "scenes the answer needs the 2×2 patches of the object the question names, so check that the "
+                        "red boxes sit on it. Compare with a baseline in the *Compare methods* tab.")
+    return out

@@ -1,0 +1,593 @@
+"""The app's handlers: plain value-in/value-out functions, callable directly (tests, scripts) and from Gradio.
+
+Two layers:
+- core functions (``run_comparison``, ``overlay_view``, ``attention_view``, ``diagnostics``, ``compare_methods``)
+  take plain values, raise ``ValueError`` on bad input and return a ``RunState`` or display values;
+- ``on_*`` functions are what the UI and the named API endpoints call: the same, with inputs validated, progress
+  reported, and every ``ValueError`` re-raised as ``gr.Error`` so the visitor sees the reason.
+
+Per-session data is one ``RunState`` (numpy traces + the input image, deep-copyable) kept in ``gr.State``; the only
+shared object is the cached model in ``models``, used under its lock.
+"""
+from __future__ import annotations
+
+import functools
+import html
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from PIL import Image
+
+import gradio as gr
+
+from .. import POLICIES, CaptureOptions, RunOptions, compare, generate
+from ..images import MAX_PIXELS, MAX_SIDE, load_image_file, normalise_image
+from ..trace import Trace
+from . import models
+
+log = logging.getLogger(__name__)
+
+KEEP_PERCENT_RANGE = (5.0, 100.0)
+MAX_NEW_TOKENS_UI = 64
+MAX_QUESTION_CHARS = 400
+DEFAULT_KEEP_PERCENT = 10
+DEFAULT_MAX_NEW_TOKENS = 32
+SEED = 0
+PROTOCOL = "official"
+KL_NOTICEABLE = 0.1  # nats: from here on the evicted model's next-token distribution is visibly different
+
+
+# -- GPU scheduling on Hugging Face ZeroGPU (a no-op elsewhere) ------------------------------------------------
+def _gpu(duration: int) -> Callable[[Callable], Callable]:
+    try:
+        import spaces  # type: ignore[import-not-found]  # present on Hugging Face Spaces only
+    except ImportError:
+        return lambda fn: fn
+    return spaces.GPU(duration=duration)
+
+
+# -- per-session state ----------------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """Everything one comparison produced; small (numpy traces), deep-copyable, kept per session in gr.State."""
+
+    model: str
+    source: str
+    device: str
+    dtype: str
+    method: str
+    keep_ratio: float
+    max_new_tokens: int
+    question: str
+    image: Image.Image
+    full: Trace
+    evicted: Trace
+    step_kl: np.ndarray  # (G_full,) KL(full || evicted) per full-answer step, full answer teacher-forced
+    first_divergence: int | None
+    full_pieces: list[str] = field(default_factory=list)  # display text of each generated token
+    evicted_pieces: list[str] = field(default_factory=list)
+    seed: int = SEED
+    protocol: str = PROTOCOL
+    wall_s: float = 0.0
+    created: float = field(default_factory=time.time)
+
+    @property
+    def num_layers(self) -> int:
+        return self.evicted.num_layers
+
+    def default_layer(self) -> int:
+        """The layer with the largest budget (ties: the deepest): where the method keeps most."""
+        b = self.evicted.budgets
+        return int(len(b) - 1 - np.argmax(b[::-1])) if b is not None and len(b) else 0
+
+
+# -- validation ------------------------------------------------------------------------------------------------------
+def check_image(image: Any) -> Image.Image:
+    """RGB PIL image from a PIL image or an uploaded file path (Gradio's upload cache); ValueError otherwise.
+
+    Alpha/palette/CMYK/16-bit images are converted to RGB; the longer side is downscaled to MAX_SIDE px; anything
+    above MAX_PIXELS is refused.
+    """
+    if image is None:
+        raise ValueError("please upload an image (or click one of the examples)")
+    if isinstance(image, Image.Image):
+        return normalise_image(image)
+    if isinstance(image, (str, Path)):
+        return load_image_file(image)
+    raise ValueError(f"expected an image, got {type(image).__name__}")
+
+
+def check_question(question: Any, processor: Any | None = None) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("please type a question about the image")
+    q = " ".join(question.split())
+    if len(q) > MAX_QUESTION_CHARS:
+        raise ValueError(f"the question is too long ({len(q)} characters; the limit is {MAX_QUESTION_CHARS})")
+    if processor is not None:
+        token = getattr(processor, "image_token", None) or "<image>"
+        specials = {token, getattr(processor, "video_token", None) or token}
+        for s in specials:
+            if s and s in q:
+                raise ValueError(f"the question must not contain the image placeholder {s!r}; the image is added for you")
+    return q
+
+
+def check_keep_percent(keep_percent: Any) -> float:
+    """Keep ratio in (0, 1] from a percentage in [5, 100]."""
+    try:
+        k = float(keep_percent)
+    except (TypeError, ValueError):
+        raise ValueError(f"the keep ratio must be a number of percent, got {keep_percent!r}") from None
+    lo, hi = KEEP_PERCENT_RANGE
+    if not (math.isfinite(k) and lo <= k <= hi):
+        raise ValueError(f"the keep ratio must be between {lo:.0f}% and {hi:.0f}%, got {keep_percent!r}")
+    return k / 100.0
+
+
+def check_max_new_tokens(n: Any) -> int:
+    try:
+        f = float(n)
+    except (TypeError, ValueError):
+        raise ValueError(f"max new tokens must be a whole number, got {n!r}") from None
+    if not (math.isfinite(f) and f == int(f) and 1 <= f <= MAX_NEW_TOKENS_UI):
+        raise ValueError(f"max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS_UI}, got {n!r}")
+    return int(f)
+
+
+def check_method(method: Any) -> str:
+    if not isinstance(method, str) or method not in POLICIES:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(sorted(POLICIES))}")
+    return method
+
+
+def check_layer(layer: Any, num_layers: int) -> int:
+    try:
+        f = float(layer)
+    except (TypeError, ValueError):
+        raise ValueError(f"layer must be a whole number, got {layer!r}") from None
+    if not (math.isfinite(f) and f == int(f) and 0 <= f < num_layers):
+        raise ValueError(f"layer must be between 0 and {num_layers - 1}, got {layer!r}")
+    return int(f)
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """(label, name) for every registered policy, read at call time: TGV-KV first, then baselines, then ablations."""
+    names = list(POLICIES)
+
+    def kind(n: str) -> tuple[int, str]:
+        return (0 if n == "tgv-kv" else 2 if n.startswith("tgv-") else 1, n)
+
+    out = []
+    for n in sorted(names, key=kind):
+        tag = {0: "TGV-KV (the paper's method)", 1: f"{n} (baseline)", 2: f"{n} (ablation)"}[kind(n)[0]]
+        out.append((tag, n))
+    return out
+
+
+# -- core: one comparison ------------------------------------------------------------------------------------------
+def _answer_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Display text of each generated token (prefix-difference decoding keeps the spaces right)."""
+    pieces, prev = [], ""
+    ids = [int(i) for i in ids]
+    for i in range(len(ids)):
+        cur = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+        pieces.append(cur[len(prev):] if cur.startswith(prev) else tokenizer.decode([ids[i]], skip_special_tokens=True))
+        prev = cur
+    return pieces
+
+
+@_gpu(duration=120)
+def _compare_locked(loaded: models.LoadedModel, image: Image.Image, question: str, method: str, keep_ratio: float,
+                    max_new_tokens: int, seed: int) -> Any:
+    with loaded.lock:
+        torch.manual_seed(seed)
+        return compare(
+            loaded.model, loaded.processor, [image], question, method, keep_ratio, max_new_tokens,
+            options=RunOptions(max_new_tokens=max_new_tokens, protocol=PROTOCOL, seed=seed),
+            capture=CaptureOptions(), model_name=loaded.name,
+        )
+
+
+def run_comparison(image: Any, question: Any, model_name: str, method: str, keep_percent: Any, max_new_tokens: Any,
+                   policy: models.ModelPolicy = models.ModelPolicy(), progress: Callable[[float, str], None] | None = None
+                   ) -> RunState:
+    """Full KV vs `method` at `keep_percent` % on one image + question. Raises ValueError on any bad input."""
+    report = progress or (lambda f, d: None)
+    img = check_image(image)
+    method = check_method(method)
+    keep = check_keep_percent(keep_percent)
+    n_new = check_max_new_tokens(max_new_tokens)
+    check_question(question)
+    report(0.05, "loading the model (first use only)")
+    loaded = models.get_model(model_name, policy)
+    q = check_question(question, loaded.processor)
+    report(0.25, f"generating: full KV, {method} at {keep:.0%}, and the teacher-forced divergence")
+    t0 = time.perf_counter()
+    cmp = _compare_locked(loaded, img, q, method, keep, n_new, SEED)
+    wall = time.perf_counter() - t0
+    tok = loaded.processor.tokenizer
+    return RunState(
+        model=loaded.name, source=loaded.source, device=loaded.device, dtype=loaded.dtype, method=method,
+        keep_ratio=keep, max_new_tokens=n_new, question=q, image=img, full=cmp.full.trace, evicted=cmp.evicted.trace,
+        step_kl=np.asarray(cmp.step_kl, dtype=np.float64), first_divergence=cmp.first_divergence,
+        full_pieces=_answer_pieces(tok, cmp.full.token_ids), evicted_pieces=_answer_pieces(tok, cmp.evicted.token_ids),
+        wall_s=wall,
+    )
+
+
+# -- views of a run -------------------------------------------------------------------------------------------------
+def answer_html(run: RunState, which: str) -> str:
+    """One answer, tokens from the first divergence on highlighted."""
+    pieces = run.full_pieces if which == "full" else run.evicted_pieces
+    trace = run.full if which == "full" else run.evicted
+    title = "Full KV cache" if which == "full" else f"{run.method} · {run.keep_ratio:.0%} of KV kept"
+    d = run.first_divergence
+    spans = []
+    for i, p in enumerate(pieces):
+        cls = "tok div" if d is not None and i >= d else "tok"
+        spans.append(f'<span class="{cls}" title="token {i}">{html.escape(p)}</span>')
+    text = "".join(spans) or '<span class="empty">(empty answer)</span>'
+    if d is None:
+        status = '<span class="same">identical answers</span>'
+    else:
+        status = f'<span class="differs">answers diverge at token {d}</span>'
+    kv = int(trace.kv_bytes_kept.sum())
+    return (f'<div class="answer answer-{which}"><div class="answer-title">{html.escape(title)}</div>'
+            f'<div class="answer-text" data-testid="answer-{which}">{text}</div>'
+            f'<div class="answer-meta">{len(pieces)} tokens · KV after prefill {fmt_bytes(kv)} · {status}</div></div>')
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def summary(run: RunState) -> dict[str, Any]:
+    """The numbers shown in the metrics table, as JSON (also the scripting view of a run)."""
+    f, e = run.full, run.evicted
+    budgets = e.budgets if e.budgets is not None else np.full(e.num_layers, e.seq_len)
+
+    def side(t: Trace, pieces: list[str]) -> dict[str, Any]:
+        return {
+            "answer": t.output_text,
+            "tokens": pieces,
+            "token_ids": [int(x) for x in t.output_ids],
+            "kv_bytes_full": int(t.kv_bytes_full.sum()),
+            "kv_bytes_kept": int(t.kv_bytes_kept.sum()),
+            "kv_bytes_final": int(t.kv_bytes_final.sum()),
+            "kept_tokens_per_layer": [int(x) for x in (t.budgets if t.budgets is not None else [])],
+            "timings": {k: float(v) for k, v in t.timings.items()},
+        }
+
+    return {
+        "model": run.model, "device": run.device, "dtype": run.dtype, "method": run.method,
+        "keep_ratio": run.keep_ratio, "max_new_tokens": run.max_new_tokens, "seed": run.seed, "protocol": run.protocol,
+        "question": run.question, "prompt_tokens": e.seq_len, "vision_tokens": e.layout.n_vision,
+        "num_layers": e.num_layers, "kept_prompt_tokens_mean": float(budgets.mean()),
+        "first_divergence": run.first_divergence, "step_kl": [float(x) for x in run.step_kl],
+        "full": side(f, run.full_pieces), "evicted": side(e, run.evicted_pieces),
+    }
+
+
+def metrics_markdown(run: RunState) -> str:
+    f, e = run.full, run.evicted
+    T, L = e.seq_len, e.num_layers
+    b = e.budgets if e.budgets is not None else np.full(L, T)
+    kvf, kve = int(f.kv_bytes_kept.sum()), int(e.kv_bytes_kept.sum())
+    rows = [
+        ("KV bytes after prefill", fmt_bytes(kvf), f"{fmt_bytes(kve)} ({kve / max(kvf, 1):.1%})"),
+        ("KV bytes at the end", fmt_bytes(int(f.kv_bytes_final.sum())), fmt_bytes(int(e.kv_bytes_final.sum()))),
+        ("prompt tokens (vision)", f"{T} ({e.layout.n_vision})", f"{T} ({e.layout.n_vision})"),
+        ("kept prompt tokens per layer", f"{T}", f"{b.min()}–{b.max()} (mean {b.mean():.1f}, {b.mean() / T:.1%})"),
+        ("prefill", f"{f.timings['prefill_s'] * 1e3:.1f} ms", f"{e.timings['prefill_s'] * 1e3:.1f} ms"),
+        ("selection", "—", f"{e.timings['select_s'] * 1e3:.1f} ms"),
+        ("decode", f"{f.timings['decode_s'] * 1e3:.1f} ms", f"{e.timings['decode_s'] * 1e3:.1f} ms"),
+        ("tokens/s (all / decode only)", _tps(f), _tps(e)),
+    ]
+    head = "| | Full KV | Evicted |\n|---|---:|---:|\n"
+    body = "\n".join(f"| {a} | {x} | {y} |" for a, x, y in rows)
+    foot = (f"\n\n<sub>{run.model} on {run.device} ({run.dtype}) · {L} layers · seed {run.seed} · "
+            f"protocol {run.protocol} · comparison wall time {run.wall_s:.2f} s (3 runs: full, evicted, teacher-forced)</sub>")
+    return head + body + foot
+
+
+def _tps(t: Trace) -> str:
+    return f"{t.timings.get('tokens_per_s', 0):.0f} / {t.timings.get('decode_tokens_per_s', 0):.0f}"
+
+
+def kl_figure(run: RunState) -> go.Figure:
+    """Per full-answer step: KL(full || evicted) of the next-token distributions (full answer teacher-forced)."""
+    kl = run.step_kl
+    x = np.arange(len(kl))
+    labels = [f"{i}:{p.strip() or '␣'}" for i, p in enumerate(run.full_pieces[: len(kl)])]
+    d = run.first_divergence
+    colours = ["#0072B2" if d is None or i < d else "#D55E00" for i in x]
+    fig = go.Figure(go.Bar(x=labels, y=kl, marker_color=colours,
+                           hovertemplate="step %{x}<br>KL %{y:.4f} nats<extra></extra>"))
+    fig.add_hline(y=KL_NOTICEABLE, line=dict(color="#555", dash="dot", width=1.5),
+                  annotation_text=f"{KL_NOTICEABLE} nats", annotation_position="top left")
+    fig.update_layout(template="simple_white", height=300, margin=dict(t=50, b=40, l=60, r=20), font=dict(size=14),
+                      title=dict(text="Divergence of the evicted model per answer step", x=0.5, font=dict(size=16)),
+                      yaxis_title="KL(full ‖ evicted), nats", xaxis_title="full-answer token", showlegend=False)
+    fig.update_xaxes(tickangle=-45 if len(kl) > 12 else 0)
+    return fig
+
+
+def kl_caption(run: RunState) -> str:
+    kl, pieces = run.step_kl, run.full_pieces
+    if len(kl) == 0:
+        return "**What to notice:** the full answer is empty, so there is nothing to compare."
+    first = next((i for i, v in enumerate(kl) if v >= KL_NOTICEABLE), None)
+    j = int(np.argmax(kl))
+    when = ("never exceeds %.1f nats: eviction barely changes the model's next-token beliefs" % KL_NOTICEABLE
+            if first is None else f"first exceeds {KL_NOTICEABLE} nats at step {first} ({pieces[first].strip()!r})")
+    div = ("the evicted answer is identical" if run.first_divergence is None
+           else f"the evicted answer changes at token {run.first_divergence} (orange bars from there on)")
+    return (f"**What to notice:** the divergence {when}; the largest is {kl[j]:.3f} nats at step {j} "
+            f"({pieces[j].strip()!r}); {div}. Each bar asks: given the same (full-KV) answer so far, how different is "
+            "the evicted model's next-token distribution? Under the official protocol step 0 comes from the full "
+            "cache, so it is always 0.")
+
+
+def empty_figure(message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=16))
+    fig.update_layout(template="simple_white", height=260, xaxis_visible=False, yaxis_visible=False)
+    return fig
+
+
+# -- diagnostics --------------------------------------------------------------------------------------------------
+def overlay_view(run: RunState, layer: Any, mode: str = "layer") -> tuple[Image.Image | None, str]:
+    """Retained patches of `layer` (mode "layer") or how many layers keep each patch (mode "all layers")."""
+    from analysis import compute_overlay, overlay_panels
+    from analysis import explain as ax
+
+    layer = check_layer(layer, run.num_layers)
+    try:
+        data = compute_overlay(run.evicted, layer)
+    except ValueError as e:
+        return None, f"**No overlay:** {e}"
+    kind = "counts" if mode.startswith("all") else "kept"
+    panels = overlay_panels(data, [run.image], kind)
+    img = _hstack([p for _, p in panels])
+    if kind == "kept":
+        note = ("kept patches keep their colours, evicted ones are greyed out; the red boxes are the 5 patches with "
+                "the highest text→image score, i.e. what the question pointed at. Good eviction keeps the patches "
+                "that hold the answer (on the demo scenes: the 2×2 patches of the object asked about).")
+        head = ax.overlay(data)
+    else:
+        note = ("the number on each patch counts the layers (of %d) that keep it. Patches kept by every layer are "
+                "the ones every layer agrees matter; a method that is text-grounded concentrates them on the object "
+                "the question names." % run.num_layers)
+        head = f"{run.method}: layers keeping each patch, summed over {run.num_layers} layers"
+    return img, f"**{head}.** What to notice: {note}"
+
+
+def _hstack(images: Sequence[Image.Image], gap: int = 8) -> Image.Image:
+    if len(images) == 1:
+        return images[0]
+    w = sum(i.width for i in images) + gap * (len(images) - 1)
+    h = max(i.height for i in images)
+    out = Image.new("RGB", (w, h), (255, 255, 255))
+    x = 0
+    for im in images:
+        out.paste(im, (x, 0))
+        x += im.width + gap
+    return out
+
+
+def attention_view(run: RunState, layer: Any) -> tuple[go.Figure, str]:
+    from analysis import compute_attention
+    from analysis import explain as ax
+    from analysis.plots_plotly import plot_attention
+
+    layer = check_layer(layer, run.num_layers)
+    try:
+        data = compute_attention(run.evicted, layer)
+    except ValueError as e:
+        return empty_figure(str(e)), f"**No attention map:** {e}"
+    return plot_attention(data), (
+        f"**{ax.attention(data)}.** What to notice: the bright squares on the diagonal are text→text and "
+        "vision→vision attention; the text→vision band (question rows, image columns) is much dimmer. That modality "
+        "gap is why TGV-KV measures text→image attention separately instead of ranking all tokens together.")
+
+
+def budgets_view(run: RunState) -> tuple[go.Figure, str]:
+    from analysis import compute_budgets
+    from analysis import explain as ax
+    from analysis.plots_plotly import plot_budgets
+
+    data = compute_budgets([run.evicted])
+    return plot_budgets(data), (
+        f"**{ax.budgets(data)}.** What to notice: blue is text kept, orange is vision kept. TGV-KV gives each layer a "
+        "budget in proportion to how much its text looks at the image (TVB), so the bars differ by layer, and it "
+        "keeps text first (TPR): a layer loses text only when its budget is smaller than the text.")
+
+
+def neighbours_view(run: RunState) -> tuple[go.Figure, str]:
+    from analysis import compute_neighbours
+    from analysis import explain as ax
+    from analysis.plots_plotly import plot_neighbours
+
+    try:
+        data = compute_neighbours(run.evicted, None, projection="pca", seed=run.seed)
+    except ValueError as e:
+        return empty_figure(str(e)), f"**No neighbour plot:** {e}"
+    return plot_neighbours(data), (
+        f"**{ax.neighbours(data)}.** What to notice: solid lines (neighbours of the same modality) above dashed "
+        "ones (the other modality) mean text and vision hidden states live in separate neighbourhoods, the second "
+        "sign of the modality gap; in the PCA panel the two colours form separate clouds.")
+
+
+def accumulated_view(run: RunState) -> tuple[go.Figure, str]:
+    from analysis import compute_accumulated
+    from analysis import explain as ax
+    from analysis.plots_plotly import plot_accumulated
+
+    try:
+        data = compute_accumulated(run.evicted)
+    except ValueError as e:
+        return empty_figure(str(e)), f"**No accumulated attention:** {e}"
+    return plot_accumulated(data), (
+        f"**{ax.accumulated(data)}.** What to notice: accumulated attention (what H2O-style methods rank by) is "
+        "very uneven: a few sink tokens take most of it, and ranking by it alone evicts much of the text (lower "
+        f"strip, 'attention-only'); {run.method}'s own evictions are the row below.")
+
+
+def diagnostics(run: RunState, layer: int | None = None) -> dict[str, Any]:
+    """Every diagnostics view of a run, at `layer` (default: the layer with the largest budget)."""
+    from . import explain
+
+    layer = run.default_layer() if layer is None else check_layer(layer, run.num_layers)
+    out: dict[str, Any] = {"layer": layer}
+    out["overlay"], out["overlay_caption"] = overlay_view(run, layer, "layer")
+    out["budgets"], out["budgets_caption"] = budgets_view(run)
+    out["attention"], out["attention_caption"] = attention_view(run, layer)
+    out["neighbours"], out["neighbours_caption"] = neighbours_view(run)
+    out["accumulated"], out["accumulated_caption"] = accumulated_view(run)
+    out["explain"] = explain.walkthrough(run)
+    return out
+
+
+# -- method comparison ---------------------------------------------------------------------------------------------
+@_gpu(duration=120)
+def _generate_locked(loaded: models.LoadedModel, image: Image.Image, question: str, methods: Sequence[str],
+                     keep_ratio: float, max_new_tokens: int, seed: int) -> list[Any]:
+    opts = RunOptions(max_new_tokens=max_new_tokens, protocol=PROTOCOL, seed=seed)
+    cap = CaptureOptions(hidden_states=False)
+    out = []
+    with loaded.lock:
+        for m in methods:
+            torch.manual_seed(seed)
+            out.append(generate(loaded.model, loaded.processor, [image], question, m, keep_ratio, max_new_tokens,
+                                options=opts, capture=cap, model_name=loaded.name))
+    return out
+
+
+def compare_methods(image: Any, question: Any, model_name: str, method_a: str, method_b: str, keep_percent: Any,
+                    max_new_tokens: Any, layer: Any = None, policy: models.ModelPolicy = models.ModelPolicy()
+                    ) -> tuple[go.Figure, go.Figure, str, list[Trace]]:
+    """Two methods on the same input: (overlay + Jaccard figure, budgets figure, markdown table, traces)."""
+    from analysis import compute_budgets, compute_comparison
+    from analysis import explain as ax
+    from analysis.plots_plotly import plot_budgets, plot_comparison
+
+    img = check_image(image)
+    a, b = check_method(method_a), check_method(method_b)
+    keep = check_keep_percent(keep_percent)
+    n_new = check_max_new_tokens(max_new_tokens)
+    check_question(question)
+    loaded = models.get_model(model_name, policy)
+    q = check_question(question, loaded.processor)
+    results = _generate_locked(loaded, img, q, [a, b], keep, n_new, SEED)
+    traces = [r.trace for r in results]
+    L = traces[0].num_layers
+    layer = L - 1 if layer is None or layer == "" else check_layer(layer, L)
+    cmp = compute_comparison(traces, layer)
+    fig = plot_comparison(cmp, [img]) if cmp.overlays else empty_figure("no patch geometry for this model")
+    bud = plot_budgets(compute_budgets(traces))
+    rows = "\n".join(
+        f"| {html.escape(t.method)} | {html.escape(t.output_text) or '(empty)'} | {fmt_bytes(int(t.kv_bytes_kept.sum()))} "
+        f"| {t.budgets.min()}–{t.budgets.max()} | {t.timings['total_s'] * 1e3:.0f} ms |" for t in traces)
+    md = (f"| method | answer | KV after prefill | kept tokens/layer | time |\n|---|---|---:|---:|---:|\n{rows}\n\n"
+          f"**{ax.comparison(cmp)}.** What to notice: a Jaccard near 1 means both methods keep the same tokens in "
+          "that layer; where it drops, look at the overlays below to see which patches each one chose. Budgets "
+          "(second figure) show where each method spends its memory.")
+    return fig, bud, md, traces
+
+
+# -- Gradio-facing wrappers ------------------------------------------------------------------------------------------
+def user_errors(fn: Callable) -> Callable:
+    """Re-raise ValueError (bad input, unloadable model) as gr.Error so the visitor sees the message."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as e:
+            raise gr.Error(str(e), duration=None) from e
+        except torch.OutOfMemoryError as e:
+            raise gr.Error("the model ran out of memory on this input; try a smaller image or fewer new tokens") from e
+
+    return wrapper
+
+
+def _progress(progress: Any) -> Callable[[float, str], None]:
+    def report(frac: float, desc: str) -> None:
+        if progress is not None:
+            progress(frac, desc=desc)
+
+    return report
+
+
+def make_ui_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
+    """The functions app.py wires to events (each one is a named API endpoint); `policy` is the operator's."""
+
+    @user_errors
+    def on_run(image, question, model_name, method, keep_percent, max_new_tokens, progress=gr.Progress()):
+        run = run_comparison(image, question, model_name, method, keep_percent, max_new_tokens, policy, _progress(progress))
+        progress(0.9, desc="rendering answers")
+        return (run, answer_html(run, "full"), answer_html(run, "evicted"), kl_figure(run), kl_caption(run),
+                metrics_markdown(run), summary(run))
+
+    @user_errors
+    def on_diagnostics(run, progress=gr.Progress()):
+        if run is None:
+            raise ValueError("run a comparison first")
+        progress(0.1, desc="rendering diagnostics")
+        d = diagnostics(run)
+        slider = gr.Slider(minimum=0, maximum=run.num_layers - 1, value=d["layer"], step=1, interactive=True)
+        e = d["explain"]
+        return (slider, slider, d["overlay"], d["overlay_caption"], d["budgets"], d["budgets_caption"], d["attention"],
+                d["attention_caption"], d["neighbours"], d["neighbours_caption"], d["accumulated"],
+                d["accumulated_caption"], e["intro"], e["tvb_figure"], e["tvb"], e["twr_figure"], e["twr"],
+                e["tpr_image"], e["tpr"])
+
+    @user_errors
+    def on_overlay(run, layer, mode):
+        if run is None:
+            raise ValueError("run a comparison first")
+        return overlay_view(run, layer, mode)
+
+    @user_errors
+    def on_attention(run, layer):
+        if run is None:
+            raise ValueError("run a comparison first")
+        return attention_view(run, layer)
+
+    @user_errors
+    def on_compare_methods(image, question, model_name, method_a, method_b, keep_percent, max_new_tokens, layer,
+                           progress=gr.Progress()):
+        progress(0.1, desc=f"running {method_a} and {method_b}")
+        fig, bud, md, _ = compare_methods(image, question, model_name, method_a, method_b, keep_percent,
+                                          max_new_tokens, layer, policy)
+        return fig, bud, md
+
+    @user_errors
+    def on_export(run, progress=gr.Progress()):
+        from .export import export_run
+
+        if run is None:
+            raise ValueError("run a comparison first, then export it")
+        progress(0.1, desc="writing trace, figures and run card")
+        files = export_run(run)
+        names = ", ".join(f"`{Path(f).name}`" for f in files)
+        return [str(f) for f in files], f"Exported {len(files)} files: {names}"
+
+    return {"run": on_run, "diagnostics": on_diagnostics, "overlay": on_overlay, "attention": on_attention,
+            "compare_methods": on_compare_methods, "export": on_export}
+
+
+__all__ = ["RunState", "run_comparison", "diagnostics", "overlay_view", "attention_view", "compare_methods",
+           "summary", "answer_html", "metrics_markdown", "kl_figure", "make_ui_handlers", "method_choices",
+           "check_image", "check_question", "check_keep_percent", "check_max_new_tokens", "MAX_SIDE", "MAX_PIXELS"]
