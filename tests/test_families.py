@@ -32,6 +32,7 @@ FAMILIES = {
     "qwen3_vl": (tf.tiny_qwen3_vl, [(40, 24)]),
     "idefics3": (tf.tiny_idefics3, [(48, 16)]),
     "smolvlm": (tf.tiny_smolvlm, [(20, 36)]),
+    "smolvlm_video": (tf.tiny_smolvlm, [], [(3, 24, 40)]),
     "gemma3": (tf.tiny_gemma3, [(48, 20)]),
     "gemma3_2img": (tf.tiny_gemma3, [(48, 20), (20, 30)]),
     "onevision_video": (tf.tiny_onevision, [], [(4, 24, 40)]),
@@ -40,7 +41,7 @@ FAMILIES = {
     "qwen2_5_vl_image_video": (tf.tiny_qwen2_5_vl, [(24, 40)], [(4, 16, 32)]),
     "qwen3_vl_video": (tf.tiny_qwen3_vl, [], [(4, 24, 40)]),
 }
-NEEDS = {"smolvlm": "num2words"}  # SmolVLMProcessor imports it, as for hub checkpoints
+NEEDS = {"smolvlm": "num2words", "smolvlm_video": "num2words"}  # SmolVLMProcessor imports it, as for hub checkpoints
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

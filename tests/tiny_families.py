@@ -191,7 +191,8 @@ IDEFICS_SPECIALS = ["<fake_token_around_image>", "<image>", "<global-img>", "<en
     f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
 IDEFICS_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
-    "{% else %} {{ c['text'] }} {% endif %}{% endfor %}<end_of_utterance> {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    "{% elif c['type'] == 'video' %}<video>{% else %} {{ c['text'] }} {% endif %}{% endfor %}<end_of_utterance> {% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
 

@@ -31,7 +31,7 @@ FAMILY_NOTES: dict[str, dict[str, Any]] = {
     "qwen2_vl": {"name": "Qwen2-VL", "views": "one merged-patch grid per image (dynamic resolution); video: one grid per 2 frames", "video": True},
     "qwen2_5_vl": {"name": "Qwen2.5-VL", "views": "as Qwen2-VL", "video": True},
     "qwen3_vl": {"name": "Qwen3-VL", "views": "as Qwen2-VL; video frame groups separated by timestamp text", "video": True},
-    "smolvlm": {"name": "SmolVLM", "views": "sub-image tile mosaic (row/col tags) + global image", "video": False},
+    "smolvlm": {"name": "SmolVLM", "views": "sub-image tile mosaic (row/col tags) + global image; video: one global grid per frame", "video": True},
     "idefics3": {"name": "Idefics3", "views": "sub-image tile mosaic (row/col tags) + global image", "video": False},
     "gemma3": {"name": "Gemma 3", "views": "one square soft-token grid per image (+ pan-and-scan crops); sliding-window layers never evicted", "video": False},
 }

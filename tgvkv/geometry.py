@@ -305,7 +305,7 @@ def idefics3_geometry(config, processor, inputs, spans, image_sizes) -> tuple[li
     tok = getattr(processor, "tokenizer", processor)
     tags = tok.convert_ids_to_tokens([int(ids[s - 1]) if s > 0 else -1 for s, _ in runs]) if runs else []
     n_globals = sum(1 for t in tags if not (t and _ROW_COL.match(t)))
-    n_images = len(image_sizes) if image_sizes else n_globals  # the rest are video frames
+    n_images = min(len(image_sizes), n_globals)  # image_sizes lists the prompt's images; the rest are video frames
     views: list[ImageView] = []
     entries: list = []
     k, pending = 0, []  # k: index of the current global image; pending: (run, i, j) tiles of the current image
