@@ -308,3 +308,28 @@ def _gemma():
     if not _GEMMA:
         _GEMMA.append(tf.tiny_gemma3())
     return _GEMMA[0]
+
+
+def test_followup_positions_unchanged_by_eviction(family):
+    """The second turn's multi-token append (and its decode) uses the same RoPE tables (3-D M-RoPE included) at
+    keep 0.3 as at keep 1.0."""
+    name, model, proc, images, videos = family
+    runs = []
+    for keep in (1.0, 0.3):
+        seen = []
+
+        def hook(module, args, kwargs):
+            seen.append(kwargs["position_embeddings"][0].detach().clone())
+
+        h = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            res = generate(model, proc, images, Q, "tgv-kv", keep, options=RunOptions(max_new_tokens=3, followup=FOLLOWUP), videos=videos)
+        finally:
+            h.remove()
+        runs.append((res, seen))
+    (a, sa), (b, sb) = runs
+    assert len(a.token_ids) == len(b.token_ids) == 3  # same answer length, so the second turn sits at the same positions
+    assert len(sa) == len(sb) and any(t.shape[-2] > 1 for t in sa[1:])  # the follow-up is a multi-token append
+    for x, y in zip(sa, sb):
+        assert torch.equal(x, y)
+    assert b.trace.cache_len_final.max() < a.trace.cache_len_final.max()  # eviction happened
