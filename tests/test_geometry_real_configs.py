@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from test_geometry_llava_next import _check_against_pack
 from tiny_families import family_tokenizer
 from tiny_models import random_image

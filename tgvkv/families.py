@@ -18,22 +18,41 @@ HUB_MODELS: dict[str, list[str]] = {
     "qwen2_vl": ["Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"],
     "qwen2_5_vl": ["Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"],
     "qwen3_vl": ["Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"],
-    "smolvlm": ["HuggingFaceTB/SmolVLM-256M-Instruct", "HuggingFaceTB/SmolVLM-500M-Instruct", "HuggingFaceTB/SmolVLM-Instruct"],
+    "smolvlm": [
+        "HuggingFaceTB/SmolVLM-256M-Instruct", "HuggingFaceTB/SmolVLM-500M-Instruct", "HuggingFaceTB/SmolVLM-Instruct",
+    ],
     "idefics3": ["HuggingFaceM4/Idefics3-8B-Llama3"],
     "gemma3": ["google/gemma-3-4b-it", "google/gemma-3-12b-it"],
 }
 
 # family -> display name and what its vision tokens are (for the app's model picker and docs)
 FAMILY_NOTES: dict[str, dict[str, Any]] = {
-    "llava": {"name": "LLaVA-1.5", "views": "one square grid per image", "video": False},
-    "llava_next": {"name": "LLaVA-NeXT (1.6)", "views": "base grid + unpadded anyres tile mosaic, a newline token per mosaic row", "video": False},
-    "llava_onevision": {"name": "LLaVA-OneVision", "views": "base grid + anyres_max_N mosaic with newlines; video: pooled grid per frame + one newline", "video": True},
-    "qwen2_vl": {"name": "Qwen2-VL", "views": "one merged-patch grid per image (dynamic resolution); video: one grid per 2 frames", "video": True},
-    "qwen2_5_vl": {"name": "Qwen2.5-VL", "views": "as Qwen2-VL", "video": True},
-    "qwen3_vl": {"name": "Qwen3-VL", "views": "as Qwen2-VL; video frame groups separated by timestamp text", "video": True},
-    "smolvlm": {"name": "SmolVLM", "views": "sub-image tile mosaic (row/col tags) + global image; video: one global grid per frame", "video": True},
-    "idefics3": {"name": "Idefics3", "views": "sub-image tile mosaic (row/col tags) + global image", "video": False},
-    "gemma3": {"name": "Gemma 3", "views": "one square soft-token grid per image (+ pan-and-scan crops); sliding-window layers never evicted", "video": False},
+    "llava": {"name": "LLaVA-1.5", "video": False, "views": "one square grid per image"},
+    "llava_next": {
+        "name": "LLaVA-NeXT (1.6)", "video": False,
+        "views": "base grid + unpadded anyres tile mosaic, a newline token per mosaic row",
+    },
+    "llava_onevision": {
+        "name": "LLaVA-OneVision", "video": True,
+        "views": "base grid + anyres_max_N mosaic with newlines; video: pooled grid per frame + one newline",
+    },
+    "qwen2_vl": {
+        "name": "Qwen2-VL", "video": True,
+        "views": "one merged-patch grid per image (dynamic resolution); video: one grid per 2 frames",
+    },
+    "qwen2_5_vl": {"name": "Qwen2.5-VL", "video": True, "views": "as Qwen2-VL"},
+    "qwen3_vl": {
+        "name": "Qwen3-VL", "video": True, "views": "as Qwen2-VL; video frame groups separated by timestamp text",
+    },
+    "smolvlm": {
+        "name": "SmolVLM", "video": True,
+        "views": "sub-image tile mosaic (row/col tags) + global image; video: one global grid per frame",
+    },
+    "idefics3": {"name": "Idefics3", "video": False, "views": "sub-image tile mosaic (row/col tags) + global image"},
+    "gemma3": {
+        "name": "Gemma 3", "video": False,
+        "views": "one square soft-token grid per image (+ pan-and-scan crops); sliding-window layers never evicted",
+    },
 }
 
 
