@@ -219,6 +219,8 @@ def compute_comparison(traces: Sequence[Trace], layer: int, top_k: int = 5) -> C
     pairs, jac = A.pairwise_jaccard(masks)
     _, jac_v = A.pairwise_jaccard([m[:, vis] for m in masks])
     overlays = [compute_overlay(t, layer, top_k) for t in traces] if traces[0].layout.views else []
+    for ov in overlays[1:]:  # highlight the same (first trace's) text->image patches in every panel
+        ov.top = overlays[0].top
     return ComparisonData(_names(traces), pairs, jac, jac_v, overlays)
 
 

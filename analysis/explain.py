@@ -28,7 +28,8 @@ def attention(d: AttentionData) -> str:
 
 def accumulated(d: AccumulatedData) -> str:
     a, m = d.share_attention_only["text"], d.share_method["text"]
-    return f"Attention-only eviction drops {a:.0%} of text KV; {d.method} drops {m:.0%}"
+    scope = "" if d.source == "all queries" else f" (ranked by {d.source})"
+    return f"Attention-only eviction drops {a:.0%} of text KV; {d.method} drops {m:.0%}{scope}"
 
 
 def overlay(d: OverlayData) -> str:
@@ -50,6 +51,10 @@ def budgets(d: BudgetData) -> str:
 
 
 def comparison(d: ComparisonData) -> str:
-    i, j = d.pairs[0]
-    return (f"{d.methods[i]} vs {d.methods[j]}: kept sets overlap by Jaccard {d.jaccard[0].mean():.2f} on average "
-            f"(vision tokens only: {d.jaccard_vision[0].mean():.2f})")
+    if len(d.pairs) == 1:
+        i, j = d.pairs[0]
+        return (f"{d.methods[i]} vs {d.methods[j]}: kept sets overlap by Jaccard {d.jaccard[0].mean():.2f} on average "
+                f"(vision tokens only: {d.jaccard_vision[0].mean():.2f})")
+    firsts = [(j, p) for p, (i, j) in enumerate(d.pairs) if i == 0]
+    parts = ", ".join(f"{d.methods[j]} {d.jaccard[p].mean():.2f}" for j, p in firsts)
+    return f"Mean Jaccard of {d.methods[0]}'s kept sets with {parts}"

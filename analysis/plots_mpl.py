@@ -52,7 +52,7 @@ def plot_neighbours(d: NeighbourData) -> Figure:
     if d.projection is not None:
         for m, sel in zip(MODALITIES, (~d.is_vision, d.is_vision)):
             axes[1].scatter(*d.projection[sel].T, s=36, color=palette.MODALITY[m], label=m, alpha=0.8, edgecolor="none")
-        axes[1].set(title=f"{d.projection_method.upper()} of hidden states", xticks=[], yticks=[])
+        axes[1].set(title=f"{ {'pca': 'PCA', 'tsne': 't-SNE'}.get(d.projection_method, d.projection_method)} of hidden states", xticks=[], yticks=[])
         axes[1].legend(frameon=False, markerscale=1.5)
     _title(fig, explain.neighbours(d))
     return fig
@@ -143,11 +143,12 @@ def _show_panels(axes, panels: list[tuple[str, Image.Image]]) -> None:
 @projector_style
 def plot_overlay(d: OverlayData, images: Sequence[Image.Image] | None = None) -> Figure:
     """Rows: views; columns: kept at the layer / number of layers keeping each patch."""
-    n = len(d.views)
-    fig = Figure(figsize=(11, 5.2 * n + 0.8), layout="constrained")
-    axes = fig.subplots(n, 2, squeeze=False)
-    _show_panels(axes[:, 0], overlay_panels(d, images, "kept"))
-    _show_panels(axes[:, 1], overlay_panels(d, images, "counts"))
+    kept, counts = overlay_panels(d, images, "kept"), overlay_panels(d, images, "counts")
+    heights = [img.size[1] / img.size[0] for _, img in kept]  # rows sized to each view's aspect ratio
+    fig = Figure(figsize=(11, 4.3 * sum(heights) + 0.6 * len(heights) + 1.4), layout="constrained")
+    axes = fig.subplots(len(d.views), 2, squeeze=False, height_ratios=heights)
+    _show_panels(axes[:, 0], kept)
+    _show_panels(axes[:, 1], counts)
     handles = [Patch(facecolor="white", edgecolor=palette.KEPT, lw=3, label=f"kept at layer {d.layer}"),
                Patch(facecolor="#D9D9D9", label="evicted"),
                Patch(facecolor="white", edgecolor=palette.HIGHLIGHT, lw=3, label="top text→image")]
@@ -189,9 +190,10 @@ def plot_comparison(d: ComparisonData, images: Sequence[Image.Image] | None = No
     ax = fig.add_subplot(grid[0, :])
     for p, (i, j) in enumerate(d.pairs):
         c = palette.method_colour(p)
-        ax.plot(d.jaccard[p], color=c, marker="o", label=f"{d.methods[i]} vs {d.methods[j]}: all tokens")
-        ax.plot(d.jaccard_vision[p], color=c, ls="--", marker="s", label="vision tokens only")
-    ax.set(xlabel="layer", ylabel="Jaccard of kept sets", ylim=(0, 1.05))
+        ax.plot(d.jaccard[p], color=c, marker="o", label=f"{d.methods[i]} vs {d.methods[j]}")
+        ax.plot(d.jaccard_vision[p], color=c, ls="--", marker="s")
+    ax.set(xlabel="layer", ylabel="Jaccard of kept sets", ylim=(-0.02, 1.05),
+           title="solid: all prompt tokens · dashed: vision tokens only")
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for m, ov in enumerate(d.overlays):
         axes = [fig.add_subplot(grid[1 + v, m]) for v in range(V)]

@@ -15,6 +15,9 @@ from .explain import BLOCK
 from .overlay import cell_edges, overlay_panels
 
 
+_PROJ = {"pca": "PCA", "tsne": "t-SNE"}
+
+
 def _finish(fig: go.Figure, title: str, height: int) -> go.Figure:
     fig.update_layout(**palette.PLOTLY_LAYOUT, height=height, margin=dict(t=90))
     fig.update_layout(title=dict(text=title, x=0.5, xanchor="center"))
@@ -23,7 +26,7 @@ def _finish(fig: go.Figure, title: str, height: int) -> go.Figure:
 
 def plot_neighbours(d: NeighbourData) -> go.Figure:
     cols = 2 if d.projection is not None else 1
-    fig = make_subplots(1, cols, subplot_titles=["within (solid) vs across (dashed)", f"{d.projection_method.upper()} of hidden states"][:cols])
+    fig = make_subplots(1, cols, subplot_titles=["within (solid) vs across (dashed)", f"{_PROJ.get(d.projection_method, d.projection_method)} of hidden states"][:cols])
     for name, curve in d.curves.items():
         q, t = name.split("→")
         fig.add_trace(go.Scatter(x=np.arange(1, len(curve) + 1), y=curve, name=name, mode="lines+markers",
@@ -101,6 +104,9 @@ def _add_panel(fig: go.Figure, img: Image.Image, grid_values: dict[str, np.ndarr
     xe, ye = cell_edges(img.size, rows, cols)
     fig.add_trace(go.Heatmap(z=np.zeros(pos.shape), x=(xe[:-1] + xe[1:]) / 2, y=(ye[:-1] + ye[1:]) / 2, opacity=0,
                              showscale=False, hovertext=text, hoverinfo="text"), row, col)
+    xname, yname = fig.data[-1].xaxis or "x", fig.data[-1].yaxis or "y"  # this panel's axes: square pixels, y down
+    fig.layout["yaxis" + yname[1:]].update(autorange="reversed", scaleanchor=xname, constrain="domain", visible=False)
+    fig.layout["xaxis" + xname[1:]].update(constrain="domain", visible=False)
 
 
 def _overlay_cells(d: OverlayData, vi: int) -> dict[str, np.ndarray]:
@@ -115,8 +121,6 @@ def plot_overlay(d: OverlayData, images: Sequence[Image.Image] | None = None) ->
     for vi in range(len(d.views)):
         _add_panel(fig, kept[vi][1], _overlay_cells(d, vi), vi + 1, 1)
         _add_panel(fig, counts[vi][1], _overlay_cells(d, vi), vi + 1, 2)
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False, scaleanchor="x")
     return _finish(fig, explain.overlay(d), 120 + 430 * len(d.views))
 
 
@@ -149,8 +153,6 @@ def plot_comparison(d: ComparisonData, images: Sequence[Image.Image] | None = No
     for m, ov in enumerate(d.overlays):
         for v in range(V):
             _add_panel(fig, panels[m][v][1], _overlay_cells(ov, v), 2 + v, 1 + m)
-            fig.update_xaxes(visible=False, row=2 + v, col=1 + m)
-            fig.update_yaxes(visible=False, row=2 + v, col=1 + m)
     fig.update_yaxes(range=[0, 1.05], title_text="Jaccard", row=1, col=1)
     fig.update_xaxes(title_text="layer", row=1, col=1)
     return _finish(fig, explain.comparison(d), 380 + 420 * V)
