@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from .images import load_image_file
+from .policies import check_keep_ratio, make_policy
+from .validation import validate_question
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,12 +78,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:28s} {doc}")
         return 0
     try:
+        # everything that needs no model is checked before the (possibly large) model is loaded
+        validate_question(args.question)
+        if args.followup:
+            validate_question(args.followup, what="follow-up question")
+        options = RunOptions(max_new_tokens=args.max_new_tokens, protocol=args.protocol, followup=args.followup)
+        make_policy(args.method)
+        check_keep_ratio(args.keep)
         images = [load_image_file(p) for p in args.image]
         model, processor = load_model(args.model, LoadOptions(args.device, args.dtype, trust_remote_code=args.trust_remote_code))
         cmp = compare(
             model, processor, images, args.question, args.method, args.keep,
-            options=RunOptions(max_new_tokens=args.max_new_tokens, protocol=args.protocol, followup=args.followup),
-            capture=CaptureOptions(), model_name=args.model,
+            options=options, capture=CaptureOptions(), model_name=args.model,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

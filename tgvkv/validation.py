@@ -63,8 +63,8 @@ def validate_question(text: Any, processor: Any = None, *, max_chars: int = MAX_
         for token in reserved_tokens(processor):
             if token in text:
                 raise ValueError(
-                    f"the {what} contains {token!r}, a special token of this model; images are attached by the app, "
-                    "not typed in: remove it from the text"
+                    f"the {what} contains {token!r}, a special token of this model; remove it "
+                    "(images are attached separately, not typed in)"
                 )
     return text
 
