@@ -91,46 +91,49 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
             with gr.Column(scale=6, min_width=480):
                 with gr.Row(equal_height=True):
                     full_html = gr.HTML('<div class="answer answer-full"><div class="answer-title">Full KV cache</div>'
-                                        '<div class="answer-text">…</div></div>', elem_id="answer-full")
+                                        '<div class="answer-text">…</div></div>', elem_id="answer-full",
+                                        label="full answer")
                     evicted_html = gr.HTML('<div class="answer answer-evicted"><div class="answer-title">Evicted KV'
-                                           '</div><div class="answer-text">…</div></div>', elem_id="answer-evicted")
+                                           '</div><div class="answer-text">…</div></div>', elem_id="answer-evicted",
+                                           label="evicted answer")
                 kl_plot = gr.Plot(label="Per-step divergence", elem_id="kl-plot")
-                kl_caption = gr.Markdown(elem_classes="caption", elem_id="kl-caption")
-                metrics = gr.Markdown(elem_id="metrics")
+                kl_caption = gr.Markdown(elem_classes="caption", elem_id="kl-caption", label="divergence caption")
+                metrics = gr.Markdown(elem_id="metrics", label="metrics")
                 with gr.Accordion("Raw numbers (JSON, also returned by the /compare endpoint)", open=False):
                     summary_json = gr.JSON(label="run summary", elem_id="summary")
 
         with gr.Tabs():
             with gr.Tab("Retained patches", id="overlay"):
                 with gr.Row():
-                    overlay_layer = gr.Slider(0, 1, value=0, step=1, label="Layer", elem_id="overlay-layer")
+                    overlay_layer = gr.Slider(0, 1, value=0, step=1, label="Overlay layer", elem_id="overlay-layer")
                     overlay_mode = gr.Radio(["layer", "all layers"], value="layer", label="Show",
                                             info="kept patches of one layer, or how many layers keep each patch")
                 overlay_img = gr.Image(type="pil", label="Retained patches", format="png", height=480,
                                        elem_id="overlay-image", interactive=False)
-                overlay_caption = gr.Markdown(elem_classes="caption", elem_id="overlay-caption")
+                overlay_caption = gr.Markdown(elem_classes="caption", elem_id="overlay-caption", label="overlay caption")
             with gr.Tab("Budgets per layer", id="budgets"):
-                budgets_plot = gr.Plot(elem_id="budgets-plot")
-                budgets_caption = gr.Markdown(elem_classes="caption")
+                budgets_plot = gr.Plot(elem_id="budgets-plot", label="budgets")
+                budgets_caption = gr.Markdown(elem_classes="caption", label="budgets caption")
             with gr.Tab("Attention map", id="attention"):
-                attn_layer = gr.Slider(0, 1, value=0, step=1, label="Layer", elem_id="attention-layer")
-                attn_plot = gr.Plot(elem_id="attention-plot")
-                attn_caption = gr.Markdown(elem_classes="caption")
+                attn_layer = gr.Slider(0, 1, value=0, step=1, label="Attention layer", elem_id="attention-layer")
+                attn_plot = gr.Plot(elem_id="attention-plot", label="attention map")
+                attn_caption = gr.Markdown(elem_classes="caption", label="attention caption")
             with gr.Tab("Cosine neighbours", id="neighbours"):
-                neigh_plot = gr.Plot(elem_id="neighbours-plot")
-                neigh_caption = gr.Markdown(elem_classes="caption")
+                neigh_plot = gr.Plot(elem_id="neighbours-plot", label="cosine neighbours")
+                neigh_caption = gr.Markdown(elem_classes="caption", label="neighbours caption")
             with gr.Tab("Accumulated attention", id="accumulated"):
-                acc_plot = gr.Plot(elem_id="accumulated-plot")
-                acc_caption = gr.Markdown(elem_classes="caption")
+                acc_plot = gr.Plot(elem_id="accumulated-plot", label="accumulated attention")
+                acc_caption = gr.Markdown(elem_classes="caption", label="accumulated caption")
             with gr.Tab("Explain", id="explain"):
                 with gr.Column(elem_classes="explain"):
-                    ex_intro = gr.Markdown("Run a comparison to get a walkthrough of this input.")
-                    ex_tvb = gr.Markdown()
-                    ex_tvb_fig = gr.Plot(show_label=False)
-                    ex_twr = gr.Markdown()
-                    ex_twr_fig = gr.Plot(show_label=False)
-                    ex_tpr = gr.Markdown()
-                    ex_tpr_img = gr.Image(type="pil", format="png", show_label=False, height=420, interactive=False)
+                    ex_intro = gr.Markdown("Run a comparison to get a walkthrough of this input.", label="explain intro")
+                    ex_tvb = gr.Markdown(label="explain TVB")
+                    ex_tvb_fig = gr.Plot(show_label=False, label="TVB figure")
+                    ex_twr = gr.Markdown(label="explain TWR")
+                    ex_twr_fig = gr.Plot(show_label=False, label="TWR figure")
+                    ex_tpr = gr.Markdown(label="explain TPR")
+                    ex_tpr_img = gr.Image(type="pil", format="png", show_label=False, height=420, interactive=False,
+                                          label="TPR overlay")
             with gr.Tab("Compare methods", id="compare"):
                 gr.Markdown("Two methods on the image, question, model and keep ratio above.")
                 with gr.Row():
@@ -139,15 +142,15 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
                                         else "random", label="Method B")
                     cmp_layer = gr.Number(value=None, precision=0, label="Layer for the overlays (empty: last)")
                 cmp_btn = gr.Button("Compare the two methods", elem_id="compare-run")
-                cmp_md = gr.Markdown(elem_classes="caption")
-                cmp_plot = gr.Plot(elem_id="compare-plot")
-                cmp_budgets = gr.Plot()
+                cmp_md = gr.Markdown(elem_classes="caption", label="comparison table")
+                cmp_plot = gr.Plot(elem_id="compare-plot", label="comparison overlays")
+                cmp_budgets = gr.Plot(label="comparison budgets")
             with gr.Tab("Export", id="export"):
                 gr.Markdown("Download the evicted run's trace (`Trace.load` reads NPZ and JSON back), the full run's "
                             "trace, every figure as PNG and SVG, and a run card (model, method, budget, versions, "
                             "seed) — one by one or as a zip.")
                 export_btn = gr.Button("Export this run", elem_id="export-run")
-                export_md = gr.Markdown()
+                export_md = gr.Markdown(label="export summary")
                 export_files = gr.File(label="Files", file_count="multiple", interactive=False, elem_id="export-files")
 
         run_inputs = [image, question, model, method, keep, max_new]
@@ -188,6 +191,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           concurrency: int = 1, prevent_thread_lock: bool = False):
+    """Queue + launch with the app's limits (upload size, served folders, theme, CSS); also used by the tests."""
+    demo.queue(default_concurrency_limit=concurrency, max_size=32)
+    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,
+                       allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css=CSS, show_error=True,
+                       prevent_thread_lock=prevent_thread_lock, quiet=prevent_thread_lock)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -197,10 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.preload or on_spaces:
         models.get_model(args.model, policy)  # ZeroGPU wants weights placed at start-up, outside GPU functions
     demo = build_ui(policy, args.concurrency)
-    demo.queue(default_concurrency_limit=args.concurrency, max_size=32)
-    demo.launch(server_name="0.0.0.0" if on_spaces else args.host, server_port=args.port, share=args.share,
-                max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css=CSS,
-                show_error=True)
+    launch(demo, "0.0.0.0" if on_spaces else args.host, args.port, args.share, args.concurrency)
 
 
 if __name__ == "__main__":
