@@ -59,9 +59,9 @@ def load_model(name_or_path: str | Path, options: LoadOptions = LoadOptions()) -
     if options.device_map:
         kwargs["device_map"] = options.device_map
     try:
-        processor = AutoProcessor.from_pretrained(name, trust_remote_code=options.trust_remote_code)
         # no image token / text config: say so before transformers' list of AutoModel classes (and before the weights)
         hf_compat.model_facts(AutoConfig.from_pretrained(name, trust_remote_code=options.trust_remote_code))
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=options.trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
     except OSError as e:
         where = "local folder" if Path(name).exists() else "model id"

@@ -7,6 +7,7 @@ Shapes: L language layers, T prompt tokens, Q captured text queries, E decode ev
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,11 @@ class Trace:
         path = Path(path)
         try:
             if path.suffix == ".npz":
+                if path.is_file() and not zipfile.is_zipfile(path):
+                    raise ValueError("not an .npz archive")  # numpy would call it 'pickled data'
                 with np.load(path, allow_pickle=False) as z:
+                    if "__meta__" not in z.files:
+                        raise ValueError(f"not a TGV-KV trace (no __meta__ entry; the archive holds {sorted(z.files)[:5]})")
                     meta = json.loads(str(z["__meta__"]))
                     arrays = {k: z[k] for k in z.files if k != "__meta__"}
             elif path.suffix == ".json":
