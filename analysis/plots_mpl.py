@@ -10,9 +10,12 @@ from typing import Callable, Sequence
 
 import matplotlib as mpl
 import numpy as np
-from matplotlib.colors import ListedColormap
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch, Rectangle
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from . import explain, palette
@@ -47,6 +50,7 @@ def plot_neighbours(d: NeighbourData) -> Figure:
         q, t = name.split("→")
         k = np.arange(1, len(curve) + 1)
         axes[0].plot(k, curve, color=palette.MODALITY[q], ls="-" if q == t else "--", marker="o", label=name)
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set(xlabel="k nearest neighbours", ylabel="mean cosine similarity", title="within (solid) vs across (dashed)")
     axes[0].legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
     if d.projection is not None:
@@ -153,7 +157,7 @@ def plot_overlay(d: OverlayData, images: Sequence[Image.Image] | None = None) ->
                Patch(facecolor="#D9D9D9", label="evicted"),
                Patch(facecolor="white", edgecolor=palette.HIGHLIGHT, lw=3, label="top text→image")]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
-    sm = mpl.cm.ScalarMappable(mpl.colors.Normalize(0, d.num_layers), palette.SEQUENTIAL)
+    sm = ScalarMappable(Normalize(0, d.num_layers), palette.SEQUENTIAL)
     fig.colorbar(sm, ax=axes[:, 1], label="layers keeping the patch", shrink=0.8)
     _title(fig, explain.overlay(d))
     return fig
@@ -172,7 +176,7 @@ def plot_budgets(d: BudgetData) -> Figure:
                lw=2 if M > 1 else 0, hatch=None if m == 0 else "//")
     ax.axhline(d.uniform, color=palette.BOUNDARY, ls="--", lw=2)
     handles = [Patch(color=palette.TEXT, label="text kept"), Patch(color=palette.VISION, label="vision kept"),
-               mpl.lines.Line2D([], [], color=palette.BOUNDARY, ls="--", label=f"uniform budget ({d.uniform:.0f})")]
+               Line2D([], [], color=palette.BOUNDARY, ls="--", label=f"uniform budget ({d.uniform:.0f})")]
     handles += [Patch(facecolor="white", edgecolor=palette.method_colour(m), lw=2, hatch=None if m == 0 else "//",
                       label=name) for m, name in enumerate(d.methods)] if M > 1 else []
     ax.legend(handles=handles, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -192,6 +196,7 @@ def plot_comparison(d: ComparisonData, images: Sequence[Image.Image] | None = No
         c = palette.method_colour(p)
         ax.plot(d.jaccard[p], color=c, marker="o", label=f"{d.methods[i]} vs {d.methods[j]}")
         ax.plot(d.jaccard_vision[p], color=c, ls="--", marker="s")
+    ax.set_xticks(np.arange(d.jaccard.shape[1]))
     ax.set(xlabel="layer", ylabel="Jaccard of kept sets", ylim=(-0.02, 1.05),
            title="solid: all prompt tokens · dashed: vision tokens only")
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))

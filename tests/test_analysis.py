@@ -15,7 +15,7 @@ from analysis import arrays as A
 from analysis import compute as C
 from analysis import explain, palette
 from analysis.overlay import base_panel, overlay_panels, panel_size, render_kept
-from analysis.synthetic import (build_layout, layout_dynamic, layout_next, layout_square, layout_two_images,
+from analysis.synthetic import (layout_dynamic, layout_next, layout_square, layout_two_images,
                                 synthetic_attention, synthetic_trace)
 from tgvkv.geometry import kept_grids
 from tgvkv.layout import ImageView
