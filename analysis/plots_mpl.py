@@ -158,7 +158,9 @@ def plot_overlay(d: OverlayData, images: Sequence[Image.Image] | None = None) ->
                Patch(facecolor="white", edgecolor=palette.HIGHLIGHT, lw=3, label="top text→image")]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
     sm = ScalarMappable(Normalize(0, d.num_layers), palette.SEQUENTIAL)
-    fig.colorbar(sm, ax=axes[:, 1], label="layers keeping the patch", shrink=0.8)
+    cbar = fig.colorbar(sm, ax=axes[:, 1], label="layers keeping the patch", shrink=0.8)
+    cbar.locator = MaxNLocator(integer=True)
+    cbar.update_ticks()
     _title(fig, explain.overlay(d))
     return fig
 

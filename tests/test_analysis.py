@@ -343,3 +343,19 @@ def test_cli_renders_saved_trace(tmp_path, suffix):
         assert suffix == ".json" or (out / f"{n}.svg").stat().st_size > 1000
     assert caps["figures"]["overlay"] == explain.overlay(C.compute_overlay(t, 1))
     assert sorted(p.name for p in out.glob("overlay_*_view*.png")) == [f"overlay_{k}_view{v}.png" for k in ("counts", "kept") for v in (0, 1)]
+
+
+def test_sparse_trace_renders_what_it_can():
+    """A trace with no grid geometry, no hidden states and no maps: overlay and neighbours are skipped with a reason."""
+    from analysis.figures import render_all
+    from tgvkv.layout import TokenLayout
+
+    full = synthetic_trace(layout_two_images(), 2, 0.6, full_maps=False)
+    full.layout = TokenLayout.from_spans(full.seq_len, full.layout.image_spans)
+    full.hidden_states = {}
+    done, skipped = render_all([full], layer=1)
+    assert set(done) == {"attention", "accumulated", "budgets"}
+    assert "no image grid geometry" in skipped["overlay"] and "no hidden states" in skipped["neighbours"]
+    assert done["attention"]["data"].tokens[0] == "#0"  # no decoded tokens: positions as labels
+    with pytest.raises(ValueError, match="out of range"):
+        C.compute_attention(full, 5)
