@@ -230,3 +230,27 @@ def test_diagnostics_off_still_evicts_identically(llava):
     assert a.token_ids.tolist() == b.token_ids.tolist()
     assert np.array_equal(a.trace.kept_mask, b.trace.kept_mask)
     assert b.trace.attention_maps is None and b.trace.block_sums is None
+
+
+def test_first_token_uses_the_models_generation_settings():
+    """Repetition penalty (set by e.g. Qwen2-VL checkpoints) applies to the first token too: parity with plain generate."""
+    model, proc = tiny_llava(seed=1)
+    model.generation_config.repetition_penalty = 3.0
+    img = random_image(3)
+    expected = plain_generate(model, proc, [img], hf_compat.render_prompt(proc, Q, 1), 10)
+    res = generate(model, proc, [img], Q, "tgv-kv", 1.0, options=RunOptions(max_new_tokens=10))
+    assert res.token_ids.tolist() == expected
+    model.generation_config.repetition_penalty = 1.0
+    assert generate(model, proc, [img], Q, "tgv-kv", 1.0, options=RunOptions(max_new_tokens=10)).token_ids.tolist() != expected
+
+
+def test_seeded_sampling_matches_plain_generate(llava):
+    model, proc = llava
+    img = random_image(4)
+    inputs = hf_compat.process_inputs(proc, [img], hf_compat.render_prompt(proc, Q, 1), torch.device("cpu"), torch.float32)
+    torch.manual_seed(123)
+    with attn(model, "sdpa"), torch.inference_mode():
+        plain = model.generate(**inputs, max_new_tokens=10, do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    expected = plain[0, inputs["input_ids"].shape[1] :].tolist()
+    opts = RunOptions(max_new_tokens=10, do_sample=True, seed=123)
+    assert generate(model, proc, [img], Q, "tgv-kv", 1.0, options=opts).token_ids.tolist() == expected

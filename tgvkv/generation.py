@@ -121,8 +121,9 @@ def block_sums(rows: np.ndarray, query_positions: np.ndarray, colsums: np.ndarra
 
 def _hidden_states(out: Any, capture: CaptureOptions) -> dict[str, np.ndarray]:
     hs = getattr(out, "hidden_states", None)
-    if not capture.hidden_states or hs is None:
+    if not capture.hidden_states or not hs:
         return {}
+    hs = hs[0]  # generate output: per step; step 0 = the prefill, one (B, T, d) tensor per layer (+ embeddings)
     per_layer = hs[0][0].numel() * 2
     step = max(1, int(np.ceil(len(hs) * per_layer / capture.max_hidden_bytes)))
     return {f"layer_{k}": hs[k][0].detach().to(torch.float16).cpu().numpy() for k in range(0, len(hs), step)}
@@ -139,18 +140,6 @@ def _versions() -> dict[str, str]:
     from . import __version__
 
     return {"tgvkv": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def _pick(logits: torch.Tensor, opts: RunOptions, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token from last-position logits (B, V): greedy, or temperature/top-p sampling with a seeded generator."""
-    if not opts.do_sample:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / opts.temperature, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    cut = sorted_p.cumsum(-1) - sorted_p > opts.top_p
-    sorted_p = sorted_p.masked_fill(cut, 0.0)
-    choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
-    return order.gather(-1, choice).squeeze(-1)
 
 
 # -- the engine ----------------------------------------------------------------------------------------------------
@@ -210,7 +199,15 @@ def generate(
     _sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode(), recording(recorder):
-        out = model(**inputs, past_key_values=cache, use_cache=True, output_hidden_states=capture.hidden_states, logits_to_keep=1)
+        # Prefill through `generate` (one token) so the first answer token gets the model's own generation settings
+        # (repetition penalty, sampling, ...) exactly as in a plain `generate` call.
+        if opts.do_sample:
+            torch.manual_seed(opts.seed)
+        out = model.generate(
+            **inputs, past_key_values=cache, return_dict_in_generate=True, output_logits=True,
+            output_hidden_states=capture.hidden_states, **_generation_kwargs(model, opts, 1),
+        )
+    first_token, first_logits = out.sequences[:, -1], out.logits[0]
     _sync(device)
     timings["prefill_s"] = time.perf_counter() - t0
 
@@ -257,13 +254,12 @@ def generate(
     rule = _decode_rule(pol, layer_selection, layout, evictable) if pol is not None else None
     decode_rec = Recorder(decode=rule is not None)
     cache.decode_rule, cache.recorder = rule, decode_rec
-    generator = torch.Generator(device=device).manual_seed(opts.seed) if opts.do_sample else None
     t2 = time.perf_counter()
     with torch.inference_mode(), recording(decode_rec):
         if teacher_tokens is not None:
-            new_ids, step_logits = _teacher_forced(model, cache, out.logits[:, -1], prompt_ids, teacher_tokens, opts)
+            new_ids, step_logits = _teacher_forced(model, cache, first_logits, prompt_ids, teacher_tokens, opts)
         else:
-            new_ids, step_logits = _decode(model, processor, cache, out.logits[:, -1], prompt_ids, opts, generator)
+            new_ids, step_logits = _decode(model, cache, first_token, first_logits, prompt_ids, opts)
         cache.flush_decode_evictions()
     _sync(device)
     timings["decode_s"] = time.perf_counter() - t2
@@ -377,11 +373,10 @@ def _generation_kwargs(model: torch.nn.Module, opts: RunOptions, n_tokens: int) 
     return kw
 
 
-def _decode(model, processor, cache, first_logits, prompt_ids, opts: RunOptions, generator) -> tuple[np.ndarray, torch.Tensor]:
-    """Generate the answer on the (evicted) cache with plain `model.generate`; returns ids and per-step logits."""
+def _decode(model, cache, first, first_logits, prompt_ids, opts: RunOptions) -> tuple[np.ndarray, torch.Tensor]:
+    """Generate the answer on the (evicted) cache with plain `model.generate`; returns ids and per-step raw logits."""
     eos = _eos_ids(model)
-    if opts.protocol == "official":
-        first = _pick(first_logits, opts, generator)  # (B,)
+    if opts.protocol == "official":  # the first token came from the prefill on the full cache
         logits = [first_logits.float()]
         ids = torch.cat([prompt_ids, first[:, None]], dim=1)
         if int(first[0]) in eos or opts.max_new_tokens == 1:
@@ -390,9 +385,7 @@ def _decode(model, processor, cache, first_logits, prompt_ids, opts: RunOptions,
     else:  # strict: re-run the last prompt position on the evicted cache
         cache.drop_last()
         ids, logits, remaining = prompt_ids, [], opts.max_new_tokens
-    if opts.do_sample:
-        torch.manual_seed(opts.seed)
-    out = model.generate(
+    out = model.generate(  # sampling continues the RNG stream seeded before the prefill, as plain `generate` would
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         past_key_values=cache,
