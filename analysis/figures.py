@@ -41,8 +41,10 @@ def figure_specs(traces: Sequence[Trace], layer: int, projection: str | None, to
 
 
 def render_all(traces: Sequence[Trace], images: Sequence[Image.Image] | None = None, layer: int | None = None,
-               projection: str | None = "pca", top_k: int = 5) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """({name: {"data", "mpl", "plotly", "caption"}}, {skipped name: reason}). Pure: no files touched."""
+               projection: str | None = "pca", top_k: int = 5, backends: Sequence[str] = ("mpl", "plotly"),
+               ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """({name: {"data", "caption", and per backend "mpl" / "plotly": figure}}, {skipped name: reason}). No I/O."""
+    modules = {"mpl": plots_mpl, "plotly": plots_plotly}
     layer = traces[0].num_layers // 2 if layer is None else layer
     done: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
@@ -53,12 +55,8 @@ def render_all(traces: Sequence[Trace], images: Sequence[Image.Image] | None = N
             skipped[name] = str(e)
             continue
         extra = (images,) if kind in ("overlay", "comparison") else ()
-        done[name] = {
-            "data": data,
-            "mpl": getattr(plots_mpl, f"plot_{kind}")(data, *extra),
-            "plotly": getattr(plots_plotly, f"plot_{kind}")(data, *extra),
-            "caption": getattr(explain, kind)(data),
-        }
+        done[name] = {"data": data, "caption": getattr(explain, kind)(data)}
+        done[name].update({b: getattr(modules[b], f"plot_{kind}")(data, *extra) for b in backends})
     return done, skipped
 
 
@@ -67,10 +65,10 @@ def write_all(done: dict[str, dict[str, Any]], skipped: dict[str, str], out: Pat
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, fig in done.items():
-        for fmt in formats:
+        for fmt in formats if "mpl" in fig else ():
             written.append(out / f"{name}.{fmt}")
             fig["mpl"].savefig(written[-1], format=fmt)
-        if html:
+        if html and "plotly" in fig:
             written.append(out / f"{name}.html")
             fig["plotly"].write_html(written[-1], include_plotlyjs="cdn")
     if "overlay" in done:
@@ -104,7 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     traces = [Trace.load(p) for p in [args.trace, *args.compare]]
     images = [Image.open(p).convert("RGB") for p in args.image] or None
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    done, skipped = render_all(traces, images, args.layer, None if args.projection == "none" else args.projection, args.top_k)
+    backends = (["mpl"] if formats else []) + (["plotly"] if args.html else [])
+    done, skipped = render_all(traces, images, args.layer, None if args.projection == "none" else args.projection,
+                               args.top_k, backends)
     written = write_all(done, skipped, args.out, formats, args.html, images)
     for name, fig in done.items():
         log.info("%-12s %s", name, fig["caption"])

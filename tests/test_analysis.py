@@ -328,8 +328,9 @@ def test_cli_renders_saved_trace(tmp_path, suffix):
     paths = [t.save(tmp_path / f"a{suffix}"), other.save(tmp_path / f"b{suffix}")]
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "img.png")
     out = tmp_path / "figs"
-    formats = "png,svg" if suffix == ".npz" else "png"
+    formats = "png" if suffix == ".npz" else "png,svg,pdf"
     args = ["--trace", str(paths[0]), "--out", str(out), "--layer", "1", "--formats", formats]
+    args += ["--html"] if suffix == ".json" else []
     if suffix == ".npz":
         args += ["--compare", str(paths[1]), "--image", str(tmp_path / "img.png"), str(tmp_path / "img.png")]
     assert main(args) == 0
@@ -340,8 +341,10 @@ def test_cli_renders_saved_trace(tmp_path, suffix):
     for n in names:
         with Image.open(out / f"{n}.png") as im:
             assert im.size[0] > 800 and im.info["dpi"][0] == pytest.approx(150, abs=1)
-        assert suffix == ".json" or (out / f"{n}.svg").stat().st_size > 1000
+        if suffix == ".json":
+            assert (out / f"{n}.svg").stat().st_size > 1000 and (out / f"{n}.pdf").read_bytes()[:4] == b"%PDF"
     assert caps["figures"]["overlay"] == explain.overlay(C.compute_overlay(t, 1))
+    assert (out / "attention.html").exists() == (suffix == ".json")
     assert sorted(p.name for p in out.glob("overlay_*_view*.png")) == [f"overlay_{k}_view{v}.png" for k in ("counts", "kept") for v in (0, 1)]
 
 
@@ -353,7 +356,7 @@ def test_sparse_trace_renders_what_it_can():
     full = synthetic_trace(layout_two_images(), 2, 0.6, full_maps=False)
     full.layout = TokenLayout.from_spans(full.seq_len, full.layout.image_spans)
     full.hidden_states = {}
-    done, skipped = render_all([full], layer=1)
+    done, skipped = render_all([full], layer=1, backends=())
     assert set(done) == {"attention", "accumulated", "budgets"}
     assert "no image grid geometry" in skipped["overlay"] and "no hidden states" in skipped["neighbours"]
     assert done["attention"]["data"].tokens[0] == "#0"  # no decoded tokens: positions as labels
