@@ -37,13 +37,27 @@ class NeighbourData:
 
 
 def hidden_layer_name(trace: Trace, layer: int | None) -> str:
-    """Key of the stored hidden states closest to `layer` (the deepest stored layer when None)."""
+    """Key of the stored hidden states closest to the *output* of language layer `layer` (the deepest when None).
+
+    The engine stores transformers' `hidden_states` tuple: "layer_0" is the input embeddings and "layer_k" the
+    output of decoder layer k - 1, possibly subsampled; so layer l's output is "layer_{l+1}".
+    """
     if not trace.hidden_states:
         raise ValueError("the trace holds no hidden states (run with hidden states captured)")
-    stored = sorted(trace.hidden_states, key=lambda k: int(k.rsplit("_", 1)[-1]))
+    stored = sorted(trace.hidden_states, key=_hidden_index)
     if layer is None:
         return stored[-1]
-    return min(stored, key=lambda k: abs(int(k.rsplit("_", 1)[-1]) - layer))
+    return min(stored, key=lambda k: abs(_hidden_index(k) - (layer + 1)))
+
+
+def hidden_label(name: str) -> str:
+    """Readable name of a hidden-state key: 'input embeddings' or 'output of layer k'."""
+    k = _hidden_index(name)
+    return "input embeddings" if k == 0 else f"output of layer {k - 1}"
+
+
+def _hidden_index(name: str) -> int:
+    return int(name.rsplit("_", 1)[-1])
 
 
 def compute_neighbours(trace: Trace, layer: int | None = None, k_max: int = 10, projection: str | None = "pca",

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .compute import AccumulatedData, AttentionData, BudgetData, ComparisonData, NeighbourData, OverlayData
+from .compute import (AccumulatedData, AttentionData, BudgetData, ComparisonData, NeighbourData, OverlayData,
+                      hidden_label)
 
 BLOCK = {(0, 0): "T→T", (0, 1): "T→V", (1, 0): "V→T", (1, 1): "V→V"}  # [query modality, key modality]
 
@@ -11,10 +12,11 @@ BLOCK = {(0, 0): "T→T", (0, 1): "T→V", (1, 0): "V→T", (1, 1): "V→V"}  # 
 def neighbours(d: NeighbourData) -> str:
     c = d.curves
     if not len(c["text→text"]) or not len(c["text→vision"]):
-        return f"{d.layer_name}: needs both text and vision tokens"
+        return f"{hidden_label(d.layer_name).capitalize()}: needs both text and vision tokens"
     within, across = c["text→text"][0], c["text→vision"][0]
     verdict = "cluster by modality" if within > across else "mix across modalities"
-    return f"{d.layer_name}: hidden states {verdict} (nearest-neighbour cosine: text→text {within:.2f}, text→vision {across:.2f})"
+    where = hidden_label(d.layer_name)
+    return f"Hidden states ({where}) {verdict}: nearest-neighbour cosine text→text {within:.2f}, text→vision {across:.2f}"
 
 
 def attention(d: AttentionData) -> str:

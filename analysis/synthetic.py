@@ -112,6 +112,7 @@ def synthetic_trace(layout: TokenLayout | None = None, num_layers: int = 8, keep
                     full_maps: bool = True, method: str = "tgv-kv", kept_mask: np.ndarray | None = None) -> Trace:
     """A complete prefill `Trace` for `layout`, selected by the registered policy `method` on synthetic attention.
 
+    Hidden states follow the engine's keys: "layer_0" = embeddings, "layer_k" = output of layer k - 1.
     kept_mask (L, T) overrides the selection (e.g. a hand-made method for comparisons). Column sums are recorded for
     text keys only and attention maps only when `full_maps`, as the engine does for tgv-kv on long prompts.
     """
@@ -122,7 +123,7 @@ def synthetic_trace(layout: TokenLayout | None = None, num_layers: int = 8, keep
     col = np.full((num_layers, layout.seq_len), np.nan)
     col[:, layout.text_positions] = attn[:, :, layout.text_positions].sum(axis=1)
     mask = sel.kept_mask(layout.seq_len) if kept_mask is None else np.asarray(kept_mask, dtype=bool)
-    hidden = {f"layer_{l}": synthetic_hidden(layout, seed=seed + l, mix=0.1 + 0.1 * l) for l in (0, num_layers // 2, num_layers - 1)}
+    hidden = {f"layer_{l}": synthetic_hidden(layout, seed=seed + l, mix=0.1 + 0.1 * l) for l in (0, num_layers // 2, num_layers)}
     return Trace(
         model="synthetic", method=method, keep_ratio=keep_ratio, protocol="official",
         question=" ".join(layout.tokens[-8:]), layout=layout, prompt_ids=np.arange(layout.seq_len, dtype=np.int64),

@@ -208,7 +208,10 @@ def test_neighbours_self_excluded_among_duplicates():
 
 def test_projection_separates_modalities(traces):
     d = C.compute_neighbours(traces["square"], layer=None, k_max=4, projection="pca")
-    assert d.layer_name == "layer_3" and d.projection.shape == (traces["square"].seq_len, 2)
+    assert d.layer_name == "layer_4" and d.projection.shape == (traces["square"].seq_len, 2)  # keys 0, 2, 4
+    assert [C.hidden_layer_name(traces["square"], l) for l in (0, 1, 3)] == ["layer_0", "layer_2", "layer_4"]
+    assert C.hidden_label("layer_0") == "input embeddings" and C.hidden_label("layer_4") == "output of layer 3"
+    assert "(output of layer 3) cluster by modality" in explain.neighbours(d)
     tsne = A.project_2d(np.random.default_rng(0).normal(size=(30, 5)), "tsne")
     assert tsne.shape == (30, 2)
     with pytest.raises(ValueError, match="projection"):
