@@ -216,3 +216,295 @@ def test_trace_that_fails_to_load(tmp_path, row_id, name, content, message):
         assert str(info.value) == message
     else:
         assert str(info.value).startswith(f"could not load trace {name!r}: ")
+
+
+# -- the app: handlers (direct calls) and the HTTP API (gradio_client on 127.0.0.1) -----------------------------------
+METHODS_LIST = ("full, h2o, prefixkv, pyramidkv, random, snapkv, streamingllm, tgv-ablation, tgv-evict-text-first, "
+                "tgv-evict-vision-first, tgv-kv, tgv-self-attn, tgv-tv-tt, tgv-tvb-tv-tt, tgv-uniform-window, tgv-vv-tt")
+NOT_READABLE = "the upload is not a readable image ({}); use PNG, JPEG, WebP or GIF"
+LOCAL_DISABLED = ("local model folders are disabled on this server ({!r}); the operator can enable them with "
+                  "`python app.py --allow-local-models`. Choose the bundled demo model or a hub id such as "
+                  "'llava-hf/llava-interleave-qwen-0.5b-hf'.")
+SPECIAL = "the question contains {!r}, a special token of this model; remove it (images are attached separately, not typed in)"
+#: (id, {argument index: value}, exact message from the handler, exact message over the API (None: not sent))
+#: arguments of /compare: 0 image, 1 question, 2 model, 3 method, 4 keep %, 5 max new tokens; "file:x" = bad file x
+APP_ROWS = [
+    ("image-missing", {0: None}, "please upload an image (or click one of the examples)",
+     "please upload an image (or click one of the examples)"),
+    ("image-not-an-image", {0: "file:text.png"}, "text.png: not a readable image (UnidentifiedImageError)",
+     NOT_READABLE.format("UnidentifiedImageError")),
+    ("image-empty-file", {0: "file:empty.png"}, "empty.png: not a readable image (UnidentifiedImageError)",
+     NOT_READABLE.format("UnidentifiedImageError")),
+    ("image-truncated", {0: "file:truncated.png"},
+     "truncated.png: the image file is corrupt or truncated (image file is truncated)",
+     "truncated.png: the image file is corrupt or truncated (image file is truncated)"),
+    ("image-corrupt-jpeg", {0: "file:corrupt.jpg"}, "corrupt.jpg: not a readable image (UnidentifiedImageError)", None),
+    ("image-html-as-png", {0: "file:html.png"}, "html.png: not a readable image (UnidentifiedImageError)",
+     NOT_READABLE.format("UnidentifiedImageError")),
+    ("image-decompression-bomb", {0: "file:bomb.png"}, "bomb.png: not a readable image (DecompressionBombError)",
+     NOT_READABLE.format("DecompressionBombError")),
+    ("image-72-megapixels", {0: "file:huge.png"},
+     "huge.png: image is too large (9000x8000 pixels; the limit is 64 megapixels)",
+     "huge.png: image is too large (9000x8000 pixels; the limit is 64 megapixels)"),
+    ("image-400x10-strip", {0: "file:strip.png"},
+     "image is too elongated (400x10 pixels; the longer side may be at most 20 times the shorter)",
+     "image is too elongated (400x10 pixels; the longer side may be at most 20 times the shorter)"),
+    ("image-1x1", {0: "file:dot.png"}, "image is too small (1x1 pixels)", "image is too small (1x1 pixels)"),
+    ("question-empty", {1: ""}, "please type a question about the image", "please type a question about the image"),
+    ("question-whitespace", {1: " \n\t "}, "please type a question about the image",
+     "please type a question about the image"),
+    ("question-not-text", {1: 42}, "please type a question about the image", None),
+    ("question-401-chars", {1: "a" * 401}, "the question is too long (401 characters; the limit is 400)",
+     "the question is too long (401 characters; the limit is 400)"),
+    ("question-image-placeholder", {1: "what is <image> ?"},
+     "the question must not contain the image placeholder '<image>'; the image is added for you",
+     "the question must not contain the image placeholder '<image>'; the image is added for you"),
+    ("question-eos-token", {1: "what </s> is"}, SPECIAL.format("</s>"), SPECIAL.format("</s>")),
+    ("question-pad-token", {1: "<pad> what"}, SPECIAL.format("<pad>"), SPECIAL.format("<pad>")),
+    ("question-escape-sequence", {1: "what \x1b[31m is"},
+     "the question contains a control character (U+001B at position 5); remove it and try again",
+     "the question contains a control character (U+001B at position 5); remove it and try again"),
+    ("question-nul", {1: "what\x00 is"},
+     "the question contains a control character (U+0000 at position 4); remove it and try again",
+     "the question contains a control character (U+0000 at position 4); remove it and try again"),
+    ("question-lone-surrogate", {1: "what \ud800 is"},
+     "the question contains an invalid character (lone surrogate U+D800 at position 5); remove it and try again",
+     None),  # gradio_client cannot even encode it
+    ("keep-4-percent", {4: 4}, "the keep ratio must be between 5% and 100%, got 4",
+     "Value 4 is less than minimum value 5.0."),
+    ("keep-101-percent", {4: 101}, "the keep ratio must be between 5% and 100%, got 101",
+     "Value 101 is greater than maximum value 100.0."),
+    ("keep-nan", {4: float("nan")}, "the keep ratio must be between 5% and 100%, got nan", None),
+    ("keep-not-a-number", {4: "lots"}, "the keep ratio must be a number of percent, got 'lots'",
+     "Could not preprocess input component at index 4 (a `slider` component) of the event handler (named \"on_run\") "
+     "with input components: [image, textbox, dropdown, dropdown, slider, slider].\n\nExpected a `float`, but the "
+     "value passed to the event handler was: 'lots' (of type `str`).\n\nOriginal error: TypeError: '<' not supported "
+     "between instances of 'str' and 'float'"),
+    ("keep-missing", {4: None}, "the keep ratio must be a number of percent, got None", None),
+    ("max-new-tokens-0", {5: 0}, "max new tokens must be a whole number from 1 to 64, got 0",
+     "Value 0 is less than minimum value 1."),
+    ("max-new-tokens-65", {5: 65}, "max new tokens must be a whole number from 1 to 64, got 65",
+     "Value 65 is greater than maximum value 64."),
+    ("max-new-tokens-2.5", {5: 2.5}, "max new tokens must be a whole number from 1 to 64, got 2.5", None),
+    ("max-new-tokens-text", {5: "many"}, "max new tokens must be a whole number, got 'many'", None),
+    ("method-unknown", {3: "best"}, f"unknown method 'best'; choose one of: {METHODS_LIST}",
+     "Value: best is not in the list of choices: ['tgv-kv', 'full', 'h2o', 'prefixkv', 'pyramidkv', 'random', "
+     "'snapkv', 'streamingllm', 'tgv-ablation', 'tgv-evict-text-first', 'tgv-evict-vision-first', 'tgv-self-attn', "
+     "'tgv-tv-tt', 'tgv-tvb-tv-tt', 'tgv-uniform-window', 'tgv-vv-tt']"),
+    ("method-missing", {3: None}, f"unknown method None; choose one of: {METHODS_LIST}", None),
+    ("model-unreachable-hub-id", {2: "nobody/no-such-model"},
+     "'nobody/no-such-model' is not available: this server cannot reach the Hugging Face Hub (offline mode) and the "
+     "model is not in its local cache. Use the bundled demo model.",
+     "'nobody/no-such-model' is not available: this server cannot reach the Hugging Face Hub (offline mode) and the "
+     "model is not in its local cache. Use the bundled demo model."),
+    ("model-absolute-path", {2: "/etc"}, LOCAL_DISABLED.format("/etc"), LOCAL_DISABLED.format("/etc")),
+    ("model-dotdot-path", {2: "../../etc/passwd"}, LOCAL_DISABLED.format("../../etc/passwd"),
+     LOCAL_DISABLED.format("../../etc/passwd")),
+    ("model-relative-existing-folder", {2: "assets/demo-vlm"}, LOCAL_DISABLED.format("assets/demo-vlm"),
+     LOCAL_DISABLED.format("assets/demo-vlm")),
+    ("model-malformed-id", {2: "a b"}, "'a b' is neither the demo model nor a hub id of the form owner/name",
+     "'a b' is neither the demo model nor a hub id of the form owner/name"),
+    ("model-empty", {2: ""}, "no model chosen", None),
+]
+#: handler-only rows that need the operator's --allow-local-models: (id, model folder key, exact message)
+LOCAL_ROWS = [
+    ("local-model-without-image-token", "text_only",
+     "unsupported model: config of type 'llama' has no `image_token_id` (or `image_token_index`), so image tokens "
+     "cannot be located in the prompt"),
+    ("local-folder-without-config", "files", "{path!r} is not a model folder (no config.json inside)"),
+]
+#: per-run views: (id, endpoint, layer, exact message); a 4-layer model (demo) or 3 (tiny) -> {last}
+VIEW_ROWS = [
+    ("overlay-layer-too-high", "overlay", 99, "layer must be between 0 and {last}, got 99"),
+    ("overlay-layer-negative", "overlay", -1, "layer must be between 0 and {last}, got -1"),
+    ("overlay-layer-not-a-number", "overlay", "x", "layer must be a whole number, got 'x'"),
+    ("attention-layer-too-high", "attention", 99, "layer must be between 0 and {last}, got 99"),
+    ("attention-layer-fraction", "attention", 1.5, "layer must be between 0 and {last}, got 1.5"),
+]
+
+
+@pytest.fixture(scope="module")
+def app_env(tmp_path_factory):
+    """A private copy of the model the app serves (the bundled demo if present, else a tiny random LLaVA), the bad
+    files, an example image and question the model knows, and the operator policies."""
+    import shutil
+
+    from tgvkv.loading import DEMO_MODEL_DIR
+    from tgvkv.webapp import models as M
+
+    root = tmp_path_factory.mktemp("reliability_app")
+    if (DEMO_MODEL_DIR / "model.safetensors").is_file():
+        shutil.copytree(DEMO_MODEL_DIR, root / "model")  # training may rewrite assets/demo-vlm meanwhile
+        from tgvkv.webapp.examples import load_examples
+
+        ex = load_examples("scene")[0]
+        image, question = ex.path, ex.question
+    else:
+        model, proc = tiny_llava(seed=2)
+        model.save_pretrained(root / "model")
+        proc.save_pretrained(root / "model")
+        image, question = root / "good.png", GOOD_Q
+        random_image(8, (40, 32)).save(image)
+    model_dir = str(root / "model")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(root / "text_only")
+    tok.save_pretrained(root / "text_only")
+    files = write_bad_files(root / "files")
+    policy = M.ModelPolicy(default_model=model_dir)
+    local = M.ModelPolicy(default_model=model_dir, allow_local=True)
+    good = [str(image), question, model_dir, "tgv-kv", 10, 6]
+    yield {"root": root, "files": files, "policy": policy, "local": local, "good": good, "model": model_dir}
+    M.clear_cache()
+
+
+def _args(env, overrides: dict, api: bool = False) -> list:
+    args = list(env["good"])
+    for i, v in overrides.items():
+        if isinstance(v, str) and v.startswith("file:"):
+            v = str(env["files"][v[5:]])
+        args[i] = v
+    if api and args[0] is not None:
+        from gradio_client import handle_file
+
+        args[0] = handle_file(args[0])
+    return args
+
+
+@pytest.fixture(scope="module")
+def handlers(app_env):
+    from tgvkv.webapp import handlers as H
+
+    return H.make_ui_handlers(app_env["policy"])
+
+
+def _answers(out) -> str:
+    summary = out[-1]
+    assert summary["full"]["token_ids"] and isinstance(summary["evicted"]["answer"], str)
+    return summary["full"]["answer"]
+
+
+@pytest.mark.parametrize("row_id,overrides,message,api_message", APP_ROWS, ids=[r[0] for r in APP_ROWS])
+def test_handler_bad_input(app_env, handlers, row_id, overrides, message, api_message):
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as info:
+        handlers["run"](*_args(app_env, overrides))
+    assert info.value.message == message
+    _answers(handlers["run"](*_args(app_env, {})))  # the next good request still answers
+
+
+@pytest.mark.parametrize("row_id,folder,message", LOCAL_ROWS, ids=[r[0] for r in LOCAL_ROWS])
+def test_handler_local_model_rows(app_env, row_id, folder, message):
+    import gradio as gr
+
+    from tgvkv.webapp import handlers as H
+
+    h = H.make_ui_handlers(app_env["local"])
+    path = str(app_env["root"] / folder)
+    with pytest.raises(gr.Error) as info:
+        h["run"](*_args(app_env, {2: path}))
+    assert info.value.message == message.format(path=path)
+    _answers(h["run"](*_args(app_env, {})))
+
+
+@pytest.mark.parametrize("row_id,endpoint,layer,message", VIEW_ROWS, ids=[r[0] for r in VIEW_ROWS])
+def test_handler_view_bad_layer(app_env, handlers, row_id, endpoint, layer, message):
+    import gradio as gr
+
+    run = handlers["run"](*_args(app_env, {}))[0]
+    with pytest.raises(gr.Error) as info:
+        handlers[endpoint](run, layer, "layer") if endpoint == "overlay" else handlers[endpoint](run, layer)
+    assert info.value.message == message.format(last=run.num_layers - 1)
+    image, caption = handlers["overlay"](run, 0, "layer")
+    assert image is not None and caption
+
+
+@pytest.mark.parametrize("endpoint,message", [("overlay", "run a comparison first"), ("attention", "run a comparison first"),
+                                              ("diagnostics", "run a comparison first"),
+                                              ("export", "run a comparison first, then export it")])
+def test_handler_views_before_any_run(handlers, endpoint, message):
+    import gradio as gr
+
+    args = {"overlay": (None, 0, "layer"), "attention": (None, 0)}.get(endpoint, (None,))
+    with pytest.raises(gr.Error) as info:
+        handlers[endpoint](*args)
+    assert info.value.message == message
+
+
+# -- over the API -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def api(app_env):
+    """The real app (app.build_ui + app.launch, upload limit included) on 127.0.0.1, and a gradio_client session."""
+    import socket
+
+    import app
+    from gradio_client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = app.build_ui(app_env["policy"])
+    app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True)
+    try:
+        yield demo.local_url, Client(demo.local_url, verbose=False)
+    finally:
+        demo.close()
+
+
+API_ROWS = [r for r in APP_ROWS if r[3] is not None]
+
+
+@pytest.mark.parametrize("row_id,overrides,message,api_message", API_ROWS, ids=[r[0] for r in API_ROWS])
+def test_api_bad_input(app_env, api, row_id, overrides, message, api_message):
+    from gradio_client.exceptions import AppError
+
+    _, client = api
+    with pytest.raises(AppError) as info:
+        client.predict(*_args(app_env, overrides, api=True), api_name="/compare")
+    assert str(info.value) == api_message
+    _answers(client.predict(*_args(app_env, {}, api=True), api_name="/compare"))
+
+
+def _raw_call(url: str, data: list) -> str:
+    """POST /gradio_api/call/compare with raw JSON (no client-side upload) and return the streamed result."""
+    import httpx
+
+    r = httpx.post(f"{url}gradio_api/call/compare", json={"data": data}, timeout=30)
+    r.raise_for_status()
+    return httpx.get(f"{url}gradio_api/call/compare/{r.json()['event_id']}", timeout=60).text
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "{repo}/tgvkv/__init__.py", "../../../../etc/hostname"])
+def test_api_never_reads_a_path_the_visitor_names(app_env, api, path):
+    url, client = api
+    path = path.format(repo=Path(__file__).resolve().parent.parent)
+    data = [{"path": path, "meta": {"_type": "gradio.FileData"}}, *app_env["good"][1:]]
+    text = _raw_call(url, data)
+    assert "event: error" in text
+    shown = str(Path(path).resolve())  # gradio names the absolute path it refused
+    assert f"Cannot move {shown} to the gradio cache dir because it was not uploaded by a user." in text
+    _answers(client.predict(*_args(app_env, {}, api=True), api_name="/compare"))
+
+
+def test_api_upload_over_the_size_limit_is_refused(app_env, api):
+    import httpx
+
+    url, client = api
+    blob = b"\x89PNG" + b"\x00" * (10 * 2**20 + 1)
+    r = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.png", blob, "image/png")}, timeout=60)
+    assert r.status_code == 413 and r.text == "File size exceeded maximum allowed size of 10485760 bytes."
+    _answers(client.predict(*_args(app_env, {}, api=True), api_name="/compare"))
+
+
+def test_api_views_before_any_run_in_a_new_session(app_env, api):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, client = api
+    with pytest.raises(AppError) as info:
+        Client(url, verbose=False).predict(0, "layer", api_name="/overlay")
+    assert str(info.value) == "run a comparison first"
+    _answers(client.predict(*_args(app_env, {}, api=True), api_name="/compare"))

@@ -55,9 +55,14 @@ def validate_question(text: Any, processor: Any = None, *, max_chars: int = MAX_
         raise ValueError(f"the {what} is too long ({len(text):,} characters; the limit is {max_chars:,})")
     for i, ch in enumerate(text):
         cat = unicodedata.category(ch)
-        if (cat == "Cc" and ch not in ALLOWED_CONTROL) or cat == "Cs":
+        if cat == "Cc" and ch not in ALLOWED_CONTROL:
             raise ValueError(
                 f"the {what} contains a control character (U+{ord(ch):04X} at position {i}); remove it and try again"
+            )
+        if cat == "Cs":  # only reachable from JSON "\ud800" escapes: not encodable, the tokenizer would fail
+            raise ValueError(
+                f"the {what} contains an invalid character (lone surrogate U+{ord(ch):04X} at position {i}); "
+                "remove it and try again"
             )
     if processor is not None:
         for token in reserved_tokens(processor):

@@ -30,6 +30,7 @@ import gradio as gr
 from .. import POLICIES, CaptureOptions, RunOptions, compare, generate
 from ..images import MAX_PIXELS, MAX_SIDE, load_image_file, normalise_image
 from ..trace import Trace
+from ..validation import validate_question
 from . import models
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def check_question(question: Any, processor: Any | None = None) -> str:
         for s in specials:
             if s and s in q:
                 raise ValueError(f"the question must not contain the image placeholder {s!r}; the image is added for you")
-    return q
+    return validate_question(q, processor, max_chars=MAX_QUESTION_CHARS)  # control characters, other special tokens
 
 
 def check_keep_percent(keep_percent: Any) -> float:
