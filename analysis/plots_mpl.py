@@ -173,12 +173,16 @@ def plot_budgets(d: BudgetData) -> Figure:
     width = 0.8 / M
     for m in range(M):
         x = np.arange(L) + (m - (M - 1) / 2) * width
-        ax.bar(x, d.text[m], width, color=palette.TEXT, edgecolor=palette.method_colour(m), lw=2 if M > 1 else 0)
+        ax.bar(x, d.text[m], width, color=palette.TEXT, edgecolor=palette.method_colour(m), lw=2 if M > 1 else 0,
+               hatch=None if m == 0 else "//")
         ax.bar(x, d.vision[m], width, bottom=d.text[m], color=palette.VISION, edgecolor=palette.method_colour(m),
                lw=2 if M > 1 else 0, hatch=None if m == 0 else "//")
     ax.axhline(d.uniform, color=palette.BOUNDARY, ls="--", lw=2)
+    ax.axhline(d.n_text, color=palette.TEXT, ls=":", lw=2.5)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     handles = [Patch(color=palette.TEXT, label="text kept"), Patch(color=palette.VISION, label="vision kept"),
-               Line2D([], [], color=palette.BOUNDARY, ls="--", label=f"uniform budget ({d.uniform:.0f})")]
+               Line2D([], [], color=palette.BOUNDARY, ls="--", label=f"uniform budget ({d.uniform:.0f})"),
+               Line2D([], [], color=palette.TEXT, ls=":", lw=2.5, label=f"all text ({d.n_text})")]
     handles += [Patch(facecolor="white", edgecolor=palette.method_colour(m), lw=2, hatch=None if m == 0 else "//",
                       label=name) for m, name in enumerate(d.methods)] if M > 1 else []
     ax.legend(handles=handles, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))

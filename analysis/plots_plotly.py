@@ -135,6 +135,8 @@ def plot_budgets(d: BudgetData) -> go.Figure:
                                  hovertemplate=f"{name}<br>layer %{{x}}<br>{label} kept %{{y}}<extra></extra>"))
     fig.add_hline(y=d.uniform, line=dict(color=palette.BOUNDARY, dash="dash", width=2),
                   annotation_text=f"uniform budget {d.uniform:.0f}")
+    fig.add_hline(y=d.n_text, line=dict(color=palette.TEXT, dash="dot", width=2), annotation_text=f"all text {d.n_text}",
+                  annotation_position="bottom right")
     fig.update_layout(barmode="group", xaxis_title="layer", yaxis_title="kept prompt tokens")
     return _finish(fig, explain.budgets(d), 520)
 
