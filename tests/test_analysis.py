@@ -365,3 +365,14 @@ def test_sparse_trace_renders_what_it_can():
     assert done["attention"]["data"].tokens[0] == "#0"  # no decoded tokens: positions as labels
     with pytest.raises(ValueError, match="out of range"):
         C.compute_attention(full, 5)
+
+
+def test_box_slightly_outside_the_image_and_missing_image():
+    """anyres mosaic boxes may keep a sliver of padding (box outside [0, 1]); views of a video frame have no image."""
+    img = Image.new("RGB", (100, 50), (0, 0, 255))
+    view = ImageView(0, "tiles", 2, 4, box=(-0.1, 0.0, 1.1, 1.0))
+    panel = np.asarray(base_panel(img, view, (100, 50), 200))
+    assert panel.shape == (120, 200, 3)  # 100 x 60 px of box, scaled to 200 wide
+    assert panel[60, 100, 2] == 255 and panel[1, 100].sum() == 0  # image in the middle, padding sliver black
+    d = C.compute_overlay(synthetic_trace(layout_two_images(), 2, 0.6), 0)
+    assert len(overlay_panels(d, [img])) == 2  # second image missing: neutral panel, no error
