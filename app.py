@@ -42,6 +42,8 @@ CSS = """
 .answer-meta .same {color: #007a5a; font-weight: 600}
 .answer-meta .differs {color: #D55E00; font-weight: 600}
 .caption {font-size: 0.95rem; color: #333}
+#image img, #overlay-image img {image-rendering: pixelated}
+#image img {min-width: 240px; object-fit: contain}
 .explain {font-size: 1.15rem; line-height: 1.55}
 .explain h3 {font-size: 1.6rem} .explain h4 {font-size: 1.3rem}
 """
@@ -140,7 +142,7 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
                     cmp_a = gr.Dropdown(method_choices(), value="tgv-kv", label="Method A")
                     cmp_b = gr.Dropdown(method_choices(), value="h2o" if "h2o" in dict(method_choices()).values()
                                         else "random", label="Method B")
-                    cmp_layer = gr.Number(value=None, precision=0, label="Layer for the overlays (empty: last)")
+                    cmp_layer = gr.Slider(0, 1, value=0, step=1, label="Layer for the overlays", elem_id="compare-layer")
                 cmp_btn = gr.Button("Compare the two methods", elem_id="compare-run")
                 cmp_md = gr.Markdown(elem_classes="caption", label="comparison table")
                 cmp_plot = gr.Plot(elem_id="compare-plot", label="comparison overlays")
@@ -155,7 +157,7 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
 
         run_inputs = [image, question, model, method, keep, max_new]
         run_outputs = [run_state, full_html, evicted_html, kl_plot, kl_caption, metrics, summary_json]
-        diag_outputs = [overlay_layer, attn_layer, overlay_img, overlay_caption, budgets_plot, budgets_caption,
+        diag_outputs = [overlay_layer, attn_layer, cmp_layer, overlay_img, overlay_caption, budgets_plot, budgets_caption,
                         attn_plot, attn_caption, neigh_plot, neigh_caption, acc_plot, acc_caption,
                         ex_intro, ex_tvb_fig, ex_tvb, ex_twr_fig, ex_twr, ex_tpr_img, ex_tpr]
 

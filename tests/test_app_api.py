@@ -81,10 +81,10 @@ def test_compare_diagnostics_export_over_the_api(client, example, tmp_path):
     assert "10% of KV kept" in ev_html
 
     diag = client.predict(api_name="/diagnostics")
-    assert len(diag) == 19
+    assert len(diag) == 20
     layer = diag[0]["value"] if isinstance(diag[0], dict) else diag[0]
     assert layer == ref.default_layer()
-    with Image.open(diag[2]) as im:
+    with Image.open(diag[3]) as im:
         assert im.size == (480, 480)
     img, cap = client.predict(0, "all layers", api_name="/overlay")
     with Image.open(img) as im:
@@ -106,7 +106,7 @@ def test_compare_methods_endpoint(client, example):
     from gradio_client import handle_file
 
     fig, budgets, md = client.predict(handle_file(str(example.path)), example.question, "demo", "tgv-kv", "streamingllm",
-                                      20, 8, None, api_name="/compare_methods")
+                                      20, 8, 0, api_name="/compare_methods")
     assert fig["type"] == "plotly" and budgets["type"] == "plotly" and "streamingllm" in md and "Jaccard" in md
 
 

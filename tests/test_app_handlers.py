@@ -166,7 +166,7 @@ def test_ui_handlers_return_every_output(run, example):
     assert isinstance(state, H.RunState) and state.evicted.output_text == run.evicted.output_text
     assert summary == H.summary(state) and isinstance(kl, go.Figure) and "What to notice" in kl_cap
     diag = h["diagnostics"](state)
-    assert len(diag) == 19 and isinstance(diag[2], Image.Image)
+    assert len(diag) == 20 and isinstance(diag[3], Image.Image)
     files, md = h["export"](state)
     assert any(f.endswith(".npz") for f in files) and "Exported" in md
     fig, bud, md = h["compare_methods"](str(example.path), example.question, M.DEMO, "tgv-kv", "random", 10, 8, None)

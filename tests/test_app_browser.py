@@ -1,0 +1,110 @@
+"""End-to-end in headless Debian Chromium (Playwright for Python, no browser download): example click -> both answers
+and the overlay; a new budget updates the evicted side; the trace downloads and loads. Saves a screenshot.
+
+Uses the bundled demo model; a missing assets/demo-vlm is a failure, not a skip.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_app_api import running_app
+from tgvkv import Trace
+from tgvkv.webapp import handlers as H
+from tgvkv.webapp import models as M
+from tgvkv.webapp.examples import load_examples
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "results"
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with running_app() as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1440, "height": 1000}, accept_downloads=True)
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(url)
+        pg.wait_for_selector("#run")
+        yield pg
+        browser.close()
+
+
+def answer_text(page, which: str) -> str:
+    return page.locator(f"#answer-{which} .answer-text").inner_text().strip()
+
+
+def wait_for_run(page, keep_percent: int) -> None:
+    """Both answers for this keep ratio are shown and every pending event (diagnostics included) has finished."""
+    page.wait_for_function(
+        "(k) => { const t = document.querySelector('#answer-evicted .answer-title');"
+        " return t && t.textContent.includes(k + '% of KV kept') && document.querySelector('#answer-evicted .answer-meta'); }",
+        arg=keep_percent)
+    wait_idle(page)
+
+
+def wait_idle(page) -> None:
+    page.wait_for_timeout(300)
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=status-tracker]')]"
+                           ".every(e => e.classList.contains('hide'))")
+
+
+def test_example_click_budget_change_and_download(page, tmp_path):
+    ex = load_examples("scene")[0]
+    ref10 = H.run_comparison(Image.open(ex.path), ex.question, M.DEMO, "tgv-kv", 10, 32)
+    ref50 = H.run_comparison(Image.open(ex.path), ex.question, M.DEMO, "tgv-kv", 50, 32)
+
+    # 1. one click on an example runs everything
+    page.locator("#scene-examples").get_by_text(ex.question, exact=True).first.click()
+    wait_for_run(page, 10)
+    assert answer_text(page, "full") == ref10.full.output_text == ex.answer
+    assert answer_text(page, "evicted") == ref10.evicted.output_text
+    page.wait_for_function("() => { const i = document.querySelector('#overlay-image img');"
+                           " return i && i.complete && i.naturalWidth > 0; }")
+    size = page.eval_on_selector("#overlay-image img", "i => [i.naturalWidth, i.naturalHeight]")
+    assert size == [480, 480]
+    assert "What to notice" in page.locator("#overlay-caption").inner_text()
+    assert "KV bytes after prefill" in page.locator("#metrics").inner_text()
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "app_screenshot.png"), full_page=True)
+
+    # 2. a new budget updates the evicted side
+    box = page.locator("#keep input[type=number]")
+    box.fill("50")
+    box.press("Enter")
+    page.locator("#run").click()
+    wait_for_run(page, 50)
+    assert answer_text(page, "evicted") == ref50.evicted.output_text
+    metrics = page.locator("#metrics").inner_text()
+    assert H.fmt_bytes(int(ref50.evicted.kv_bytes_kept.sum())) in metrics
+
+    # 3. the Explain tab reads the same run
+    page.get_by_role("tab", name="Explain").click()
+    page.wait_for_selector("text=Step 1 · TVB")
+    wait_idle(page)
+    page.screenshot(path=str(SCREENSHOTS / "app_explain.png"), full_page=True)
+
+    # 4. export and download the trace; it loads and equals the shown run
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#export-run").click()
+    name = "trace-tgv-kv-keep50.npz"
+    link = page.locator(f'#export-files a[download="{name}"]').first
+    link.wait_for()
+    with page.expect_download() as dl:
+        link.click()
+    path = tmp_path / name
+    dl.value.save_as(path)
+    trace = Trace.load(path)
+    assert trace.output_text == answer_text(page, "evicted") == ref50.evicted.output_text
+    assert trace.keep_ratio == pytest.approx(0.5) and trace.method == "tgv-kv"
+    np.testing.assert_array_equal(trace.kept_mask, ref50.evicted.kept_mask)
