@@ -43,7 +43,6 @@ CSS = """
 .answer-meta .differs {color: #D55E00; font-weight: 600}
 .caption {font-size: 0.95rem; color: #333}
 #image img, #overlay-image img {image-rendering: pixelated}
-#image img {min-width: 240px; object-fit: contain}
 .explain {font-size: 1.15rem; line-height: 1.55}
 .explain h3 {font-size: 1.6rem} .explain h4 {font-size: 1.3rem}
 """

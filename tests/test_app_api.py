@@ -147,3 +147,12 @@ def test_sessions_are_separate(url, example):
     assert "(tgv-kv)" in cap_a and "(random)" in cap_b
     with pytest.raises(AppError, match="run a comparison first"):
         Client(url, verbose=False).predict(0, "layer", api_name="/overlay")
+
+
+def test_upload_size_limit(client, tmp_path):
+    from gradio_client import handle_file
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * (11 * 2**20))  # over the app's 10 MB upload limit
+    with pytest.raises(Exception, match="(?i)too large|exceed|413|maximum"):
+        client.predict(handle_file(str(big)), "q ?", "demo", "tgv-kv", 10, 8, api_name="/compare")

@@ -311,3 +311,20 @@ def test_remote_code_is_never_enabled_by_visitors():
     import inspect
 
     assert "trust" not in " ".join(inspect.signature(H.run_comparison).parameters)
+
+
+def test_dtype_choice_per_device_and_checkpoint(monkeypatch, tmp_path):
+    import torch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert M.pick_dtype("llava-hf/llava-1.5-7b-hf", cpu, "auto") == "float32"
+    assert M.pick_dtype(str(DEMO_MODEL_DIR), cpu, "auto") == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert M.pick_dtype("llava-hf/llava-1.5-7b-hf", cuda, "auto") == "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
+    assert M.pick_dtype(str(tmp_path), cuda, "auto") == "float32"  # small fp32 checkpoints (the demo) stay exact
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float16"}))
+    assert M.pick_dtype(str(tmp_path), cuda, "auto") == "float16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert M.pick_dtype("llava-hf/llava-1.5-7b-hf", cuda, "auto") == "float16"
+    assert M.pick_dtype("llava-hf/llava-1.5-7b-hf", cuda, "bfloat16") == "bfloat16"  # an explicit choice wins
