@@ -135,8 +135,10 @@ def walkthrough(run: "RunState") -> dict[str, Any]:
         f"A uniform split would give every layer {trace.keep_ratio * T:.0f}."
         + (f" Layers {', '.join(map(str, capped))} asked for more than the whole prompt; the official rule keeps "
            f"all {T} there and does not hand the surplus to other layers." if len(capped) and trace.keep_ratio < 1 else "")
-        + "\n\n*What to notice:* the orange bars (attention share) and the blue line (kept tokens) rise and fall "
-          "together: memory goes where the question actually looks at the image.")
+        + ("\n\n*What to notice:* the orange bars (attention share) and the blue line (kept tokens) rise and fall "
+           "together: memory goes where the question actually looks at the image." if tq.from_policy else
+           f"\n\n*What to notice:* the blue line is {trace.method}'s own budget per layer; where it departs from the "
+           "orange bars, this method spends memory on layers whose text barely looks at the image."))
 
     # Step 2: TWR
     tokens = list(lay.tokens)
