@@ -508,3 +508,32 @@ def test_api_views_before_any_run_in_a_new_session(app_env, api):
         Client(url, verbose=False).predict(0, "layer", api_name="/overlay")
     assert str(info.value) == "run a comparison first"
     _answers(client.predict(*_args(app_env, {}, api=True), api_name="/compare"))
+
+
+# -- trust_remote_code: only from an explicit command-line opt-in ------------------------------------------------------
+def test_remote_code_is_off_unless_the_operator_opts_in(monkeypatch, cli_setup):
+    import app
+    import transformers
+
+    from tgvkv.cli import _parser as cli_parser
+    from tgvkv.eval.runner import EvalConfig
+    from tgvkv.loading import LoadOptions, load_model
+    from tgvkv.webapp.models import ModelPolicy
+
+    assert app._parser().parse_args([]).trust_remote_code is False
+    assert app._parser().parse_args(["--trust-remote-code"]).trust_remote_code is True
+    assert cli_parser().parse_args(["run", "--image", "x.png", "--question", "q"]).trust_remote_code is False
+    assert LoadOptions().trust_remote_code is False and ModelPolicy().trust_remote_code is False
+    assert {f.name: f.default for f in __import__("dataclasses").fields(EvalConfig)}["trust_remote_code"] is False
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoProcessor, transformers.AutoModelForImageTextToText):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *a, _original=original, **kw):
+            seen.append((klass.__name__, kw.get("trust_remote_code", "missing")))
+            return _original(klass, *a, **kw)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    root, _ = cli_setup
+    load_model(root / "model")
+    assert seen and all(flag is False for _, flag in seen), seen
