@@ -64,6 +64,8 @@ def center_crop_box(size: tuple[int, int], image_processor: Any) -> tuple[float,
 def llava_geometry(config, processor, inputs, spans, image_sizes) -> tuple[list[ImageView], VisionTokenMap]:
     """LLaVA-1.5: each image is one square grid of `image_seq_length` tokens in row-major order."""
     n_total = sum(e - s for s, e in spans)
+    if n_total == 0:  # text-only prompt: no grid (a 0x0 view would break overlays)
+        return [], VisionTokenMap.empty()
     n_images = max(1, len(image_sizes))
     per = n_total // n_images
     side = math.isqrt(per)
