@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import traceback
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from tgvkv.layout import TokenLayout, validate_spans
 from tgvkv.policies import POLICIES
 from tgvkv.select import layer_budgets, run_selection, select
 
-N = 120  # examples per property (x 16 policies for the policy property)
+N = int(os.environ.get("TGVKV_FUZZ_EXAMPLES", "120"))  # per property (x 16 policies for the policy property)
 FUZZ = settings(max_examples=N, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 #: every user-facing ValueError the fuzzed code may raise (message prefixes / patterns)
@@ -177,29 +178,44 @@ def test_validate_spans(case, dT):
 @FUZZ
 @given(data=st.data())
 def test_policy_selection(method, data):
-    spans, T = data.draw(spans_and_len(), "spans")
+    # "valid": well-formed spans with text after the first image, keep in (0, 1], default options (most draws);
+    # "any": every kind of invalid span, keep ratio, option value and degenerate attention
+    valid = data.draw(st.sampled_from([True, True, True, False, False]), "valid")
+    if valid:
+        T = data.draw(st.integers(3, 40), "T")
+        s = data.draw(st.integers(0, T - 2), "start")
+        e = data.draw(st.integers(s + 1, T - 1), "end")
+        spans = [(s, e)] if data.draw(st.booleans(), "one span") or e - s < 2 else [(s, s + (e - s) // 2), ((s + e + 1) // 2 + 1, e + 1)]
+        spans = [sp for sp in spans if sp[0] < sp[1] <= T]
+        keep = data.draw(st.one_of(st.floats(min_value=1e-3, max_value=1.0), st.sampled_from([1.0, 0.05, 0.5])), "keep")
+        opts, kind = {}, data.draw(st.sampled_from(["random"] * 5 + ["one-hot"]), "attention")
+    else:
+        spans, T = data.draw(spans_and_len(), "spans")
+        keep = data.draw(KEEPS, "keep")
+        opts = data.draw(policy_options(method), "options")
+        kind = data.draw(st.sampled_from(["random"] * 6 + ["zeros", "one-hot", "nan"]), "attention")
     L = data.draw(st.integers(1, 4), "L")
-    kind = data.draw(st.sampled_from(["random"] * 6 + ["zeros", "one-hot", "nan"]), "attention")
     seed = data.draw(st.integers(0, 2**31 - 1), "seed")
     attn = _attention(np.random.default_rng(seed), L, T, kind)
-    keep = data.draw(KEEPS, "keep")
-    opts = data.draw(policy_options(method), "options")
-    fn = data.draw(st.sampled_from(["run_selection", "select", "layer_budgets"]), "entry")
+    fn = data.draw(st.sampled_from(["run_selection", "run_selection", "select", "layer_budgets"]), "entry")
     try:
         if fn == "select":
             kept = select(method, list(attn), spans, keep, **opts)
-            assert len(kept) == L
-            return
-        if fn == "layer_budgets":
+        elif fn == "layer_budgets":
             budgets = layer_budgets(method, list(attn), spans, keep, **opts)
-            assert budgets.shape == (L,) and np.all((budgets >= 0) & (budgets <= T))
-            return
-        sel = run_selection(method, list(attn), spans, keep, **opts)
+        else:
+            sel = run_selection(method, list(attn), spans, keep, **opts)
     except Exception as e:  # noqa: BLE001 - classified by _expect_ours
         _expect_ours(e)
         _count(f"policy {method}: refused")
         return
     _count(f"policy {method}: selected")
+    if fn == "select":
+        assert len(kept) == L and all(np.all(np.diff(k) > 0) and (len(k) == 0 or 0 <= k[0] <= k[-1] < T) for k in kept)
+        return
+    if fn == "layer_budgets":
+        assert budgets.shape == (L,) and np.all((budgets >= 0) & (budgets <= T))
+        return
     assert len(sel.kept) == L and sel.budgets.shape == (L,) and sel.scores.shape == (L, T)
     for k, b in zip(sel.kept, sel.budgets):
         assert len(k) == b and 0 <= b <= T

@@ -93,7 +93,10 @@ class PrefixKV(Policy):
         if isinstance(self.distance, bool) or not isinstance(self.distance, (int, np.integer)) or self.distance == 0:
             raise ValueError(f"distance must be a non-zero integer, got {self.distance!r}")
         if self.layer_ratios is not None:
-            r = np.asarray(self.layer_ratios, dtype=np.float64)
+            try:
+                r = np.asarray(self.layer_ratios, dtype=np.float64)
+            except (TypeError, ValueError):  # strings, dicts, ragged lists: same message as out-of-range values
+                r = np.full(0, np.nan)
             if r.ndim != 1 or r.size == 0 or not np.all((r >= 0) & (r < 1)):
                 raise ValueError(
                     f"layer_ratios must be forget fractions in [0, 1), one per layer, got {self.layer_ratios!r}"
