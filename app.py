@@ -77,7 +77,8 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
                                     + (", or a local folder" if policy.allow_local else ""), elem_id="model")
                 method = gr.Dropdown(method_choices(), value="tgv-kv", label="Eviction method", elem_id="method")
                 keep = gr.Slider(*KEEP_PERCENT_RANGE, value=DEFAULT_KEEP_PERCENT, step=1, elem_id="keep",
-                                 label="Keep ratio: % of the KV cache kept")
+                                 label="Keep ratio: % of the KV cache kept",
+                                 info="changing it (or the method) re-runs the comparison")
                 max_new = gr.Slider(1, MAX_NEW_TOKENS_UI, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="Max new tokens",
                                     elem_id="max-new")
                 run_btn = gr.Button("Run full vs evicted", variant="primary", elem_id="run")
@@ -166,6 +167,9 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
         for ex in (scene_ex, photo_ex):
             ex.load_input_event.then(h["run"], run_inputs, run_outputs, api_visibility="private", **heavy).success(
                 h["diagnostics"], [run_state], diag_outputs, api_visibility="private", **heavy)
+        gr.on([keep.release, method.input], h["rerun"], [run_state, *run_inputs], run_outputs, api_visibility="private",
+              trigger_mode="always_last", **heavy).success(h["diagnostics_if_run"], [run_state], diag_outputs,
+                                                           api_visibility="private", **heavy)
         gr.on([overlay_layer.release, overlay_mode.input], h["overlay"], [run_state, overlay_layer, overlay_mode],
               [overlay_img, overlay_caption], api_name="overlay", trigger_mode="always_last")
         attn_layer.release(h["attention"], [run_state, attn_layer], [attn_plot, attn_caption], api_name="attention",

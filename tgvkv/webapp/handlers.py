@@ -557,6 +557,19 @@ def make_ui_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
                 metrics_markdown(run), summary(run))
 
     @user_errors
+    def on_rerun(run, image, question, model_name, method, keep_percent, max_new_tokens, progress=gr.Progress()):
+        """A settings change re-runs the comparison, but only once there is a run to update."""
+        if run is None or image is None or not (question or "").strip():
+            return tuple(gr.skip() for _ in range(7))
+        return on_run(image, question, model_name, method, keep_percent, max_new_tokens, progress)
+
+    @user_errors
+    def on_diagnostics_if_run(run, progress=gr.Progress()):
+        if run is None:
+            return tuple(gr.skip() for _ in range(20))
+        return on_diagnostics(run, progress)
+
+    @user_errors
     def on_diagnostics(run, progress=gr.Progress()):
         if run is None:
             raise ValueError("run a comparison first")
@@ -600,7 +613,7 @@ def make_ui_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
         names = ", ".join(f"`{Path(f).name}`" for f in files)
         return [str(f) for f in files], f"Exported {len(files)} files: {names}"
 
-    return {"run": on_run, "diagnostics": on_diagnostics, "overlay": on_overlay, "attention": on_attention,
+    return {"run": on_run, "rerun": on_rerun, "diagnostics": on_diagnostics, "diagnostics_if_run": on_diagnostics_if_run, "overlay": on_overlay, "attention": on_attention,
             "compare_methods": on_compare_methods, "export": on_export}
 
 
