@@ -328,3 +328,10 @@ def test_dtype_choice_per_device_and_checkpoint(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert M.pick_dtype("llava-hf/llava-1.5-7b-hf", cuda, "auto") == "float16"
     assert M.pick_dtype("llava-hf/llava-1.5-7b-hf", cuda, "bfloat16") == "bfloat16"  # an explicit choice wins
+
+
+def test_unreachable_hub_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(M, "hub_reachable", lambda *a, **k: False)
+    with pytest.raises(ValueError, match="no connection to huggingface.co"):
+        M.get_model("llava-hf/llava-1.5-7b-hf", POLICY)

@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -143,9 +145,10 @@ def get_model(name: str, policy: ModelPolicy) -> LoadedModel:
     if source == str(DEMO_MODEL_DIR) and not (DEMO_MODEL_DIR / "config.json").is_file():
         raise ValueError(f"the bundled demo model is missing at {DEMO_MODEL_DIR} (train it: python -m tgvkv.demo.train)")
     is_hub = not Path(source).is_dir()
-    if is_hub and hub_offline() and not _in_hub_cache(source):
+    if is_hub and not _in_hub_cache(source) and (hub_offline() or not hub_reachable()):
+        why = "offline mode" if hub_offline() else "no connection to huggingface.co"
         raise ValueError(
-            f"{source!r} is not available: this server cannot reach the Hugging Face Hub (offline mode) and the model "
+            f"{source!r} is not available: this server cannot reach the Hugging Face Hub ({why}) and the model "
             "is not in its local cache. Use the bundled demo model" + (" or a local folder." if policy.allow_local else ".")
         )
     device = resolve_device(policy.device)
@@ -157,6 +160,21 @@ def get_model(name: str, policy: ModelPolicy) -> LoadedModel:
         except (OSError, ImportError, RuntimeError) as e:  # network errors, missing weights, out of memory
             raise ValueError(f"could not load {source!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return LoadedModel(name=name, source=source, model=model, processor=processor, device=str(device), dtype=dtype, lock=lock)
+
+
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether huggingface.co answers on port 443 (probed at most once a minute)."""
+    return _probe_hub(int(time.time() // 60), timeout_s)
+
+
+@lru_cache(maxsize=1)
+def _probe_hub(minute: int, timeout_s: float) -> bool:
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        with socket.create_connection((host.split(":")[0], 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def _in_hub_cache(repo_id: str) -> bool:
