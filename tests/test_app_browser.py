@@ -48,7 +48,8 @@ def wait_for_run(page, keep_percent: int) -> None:
     """Both answers for this keep ratio are shown and every pending event (diagnostics included) has finished."""
     page.wait_for_function(
         "(k) => { const t = document.querySelector('#answer-evicted .answer-title');"
-        " return t && t.textContent.includes(k + '% of KV kept') && document.querySelector('#answer-evicted .answer-meta'); }",
+        " return t && t.textContent.includes(k + '% of KV kept')"
+        " && document.querySelector('#answer-evicted .answer-meta'); }",
         arg=keep_percent)
     wait_idle(page)
 

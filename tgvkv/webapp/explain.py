@@ -69,7 +69,8 @@ def tvb_figure(trace: Trace, tq: TGVQuantities) -> go.Figure:
     budgets = trace.budgets if trace.budgets is not None else np.full(L, T)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Bar(x=np.arange(L), y=share * 100, name="share of text→image attention (%)",
-                         marker_color=VISION_COLOUR, hovertemplate="layer %{x}: %{y:.1f}%<extra></extra>"), secondary_y=False)
+                         marker_color=VISION_COLOUR, hovertemplate="layer %{x}: %{y:.1f}%<extra></extra>"),
+                  secondary_y=False)
     fig.add_trace(go.Scatter(x=np.arange(L), y=budgets, name=f"kept prompt tokens ({trace.method})", mode="lines+markers",
                              line=dict(color=TEXT_COLOUR, width=4), marker=dict(size=11)), secondary_y=True)
     fig.add_trace(go.Scatter(x=[-0.5, L - 0.5], y=[trace.keep_ratio * T] * 2, name="uniform budget", mode="lines",

@@ -298,7 +298,8 @@ def metrics_markdown(run: RunState) -> str:
     head = "| | Full KV | Evicted |\n|---|---:|---:|\n"
     body = "\n".join(f"| {a} | {x} | {y} |" for a, x, y in rows)
     foot = (f"\n\n<sub>{run.model} on {run.device} ({run.dtype}) · {L} layers · seed {run.seed} · "
-            f"protocol {run.protocol} · comparison wall time {run.wall_s:.2f} s (3 runs: full, evicted, teacher-forced)</sub>")
+            f"protocol {run.protocol} · comparison wall time {run.wall_s:.2f} s "
+            "(3 runs: full, evicted, teacher-forced)</sub>")
     return head + body + foot
 
 
@@ -318,7 +319,8 @@ def kl_figure(run: RunState) -> go.Figure:
     fig.add_hline(y=KL_NOTICEABLE, line=dict(color="#555", dash="dot", width=1.5),
                   annotation_text=f"{KL_NOTICEABLE} nats", annotation_position="top left")
     fig.update_layout(template="simple_white", height=300, margin=dict(t=50, b=40, l=60, r=20), font=dict(size=14),
-                      title=dict(text="KL(full ‖ evicted) of the next-token distribution per answer step", x=0.5, font=dict(size=16)),
+                      title=dict(text="KL(full ‖ evicted) of the next-token distribution per answer step", x=0.5,
+                                 font=dict(size=16)),
                       yaxis_title="KL, nats", xaxis_title="full-answer token", showlegend=False)
     fig.update_xaxes(tickangle=-45 if len(kl) > 12 else 0)
     return fig
@@ -577,7 +579,8 @@ def make_ui_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
         d = diagnostics(run)
         slider = gr.Slider(minimum=0, maximum=run.num_layers - 1, value=d["layer"], step=1, interactive=True)
         e = d["explain"]
-        return (slider, slider, slider, d["overlay"], d["overlay_caption"], d["budgets"], d["budgets_caption"], d["attention"],
+        return (slider, slider, slider, d["overlay"], d["overlay_caption"], d["budgets"], d["budgets_caption"],
+                d["attention"],
                 d["attention_caption"], d["neighbours"], d["neighbours_caption"], d["accumulated"],
                 d["accumulated_caption"], e["intro"], e["tvb_figure"], e["tvb"], e["twr_figure"], e["twr"],
                 e["tpr_image"], e["tpr"])
@@ -613,7 +616,8 @@ def make_ui_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
         names = ", ".join(f"`{Path(f).name}`" for f in files)
         return [str(f) for f in files], f"Exported {len(files)} files: {names}"
 
-    return {"run": on_run, "rerun": on_rerun, "diagnostics": on_diagnostics, "diagnostics_if_run": on_diagnostics_if_run, "overlay": on_overlay, "attention": on_attention,
+    return {"run": on_run, "rerun": on_rerun, "diagnostics": on_diagnostics, "diagnostics_if_run": on_diagnostics_if_run,
+            "overlay": on_overlay, "attention": on_attention,
             "compare_methods": on_compare_methods, "export": on_export}
 
 

@@ -133,7 +133,8 @@ _LOAD_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=1)
-def _load_cached(source: str, device: str, dtype: str, trust_remote_code: bool) -> tuple[torch.nn.Module, Any, threading.Lock]:
+def _load_cached(source: str, device: str, dtype: str,
+                 trust_remote_code: bool) -> tuple[torch.nn.Module, Any, threading.Lock]:
     model, processor = load_model(source, LoadOptions(device=device, dtype=dtype, trust_remote_code=trust_remote_code))
     return model, processor, threading.Lock()
 
@@ -159,7 +160,8 @@ def get_model(name: str, policy: ModelPolicy) -> LoadedModel:
             model, processor, lock = _load_cached(source, str(device), dtype, policy.trust_remote_code)
         except (OSError, ImportError, RuntimeError) as e:  # network errors, missing weights, out of memory
             raise ValueError(f"could not load {source!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    return LoadedModel(name=name, source=source, model=model, processor=processor, device=str(device), dtype=dtype, lock=lock)
+    return LoadedModel(name=name, source=source, model=model, processor=processor, device=str(device), dtype=dtype,
+                       lock=lock)
 
 
 def hub_reachable(timeout_s: float = 2.0) -> bool:
