@@ -11,6 +11,11 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+try:  # Hugging Face ZeroGPU: `spaces` must be imported before torch initialises CUDA
+    import spaces  # type: ignore[import-not-found]  # noqa: F401
+except ImportError:
+    pass
+
 import gradio as gr  # noqa: E402
 
 from tgvkv.webapp import models  # noqa: E402

@@ -110,7 +110,10 @@ def pick_dtype(source: str, device: torch.device, requested: str) -> str:
     if device.type != "cuda":
         return "float32"
     saved = _config_dtype(source)
-    bf16 = torch.cuda.is_bf16_supported()
+    try:
+        bf16 = torch.cuda.is_bf16_supported()
+    except (RuntimeError, AssertionError):  # ZeroGPU's main process has no CUDA context yet: its GPUs all do bf16
+        bf16 = True
     if saved == "float32" and Path(source).is_dir():
         return "float32"  # tiny local checkpoints (the demo VLM) are trained in fp32: keep them exact
     if saved == "float16" or not bf16:
