@@ -553,6 +553,7 @@ def make_ui_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
 
     @user_errors
     def on_run(image, question, model_name, method, keep_percent, max_new_tokens, progress=gr.Progress()):
+        """Full KV vs `method` keeping `keep_percent` % of the KV cache: answers, per-step KL, metrics, summary JSON."""
         run = run_comparison(image, question, model_name, method, keep_percent, max_new_tokens, policy, _progress(progress))
         progress(0.9, desc="rendering answers")
         return (run, answer_html(run, "full"), answer_html(run, "evicted"), kl_figure(run), kl_caption(run),
@@ -573,6 +574,7 @@ def make_ui_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
 
     @user_errors
     def on_diagnostics(run, progress=gr.Progress()):
+        """Every diagnostic figure and the Explain walkthrough of this session's last /compare."""
         if run is None:
             raise ValueError("run a comparison first")
         progress(0.1, desc="rendering diagnostics")
@@ -587,12 +589,14 @@ def make_ui_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
 
     @user_errors
     def on_overlay(run, layer, mode):
+        """Retained patches of one layer (mode 'layer') or layers keeping each patch (mode 'all layers')."""
         if run is None:
             raise ValueError("run a comparison first")
         return overlay_view(run, layer, mode)
 
     @user_errors
     def on_attention(run, layer):
+        """Head-averaged prefill attention map of one layer."""
         if run is None:
             raise ValueError("run a comparison first")
         return attention_view(run, layer)
@@ -600,6 +604,7 @@ def make_ui_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
     @user_errors
     def on_compare_methods(image, question, model_name, method_a, method_b, keep_percent, max_new_tokens, layer,
                            progress=gr.Progress()):
+        """Two methods on the same input: overlays + Jaccard of kept sets per layer, budgets, answers."""
         progress(0.1, desc=f"running {method_a} and {method_b}")
         fig, bud, md, _ = compare_methods(image, question, model_name, method_a, method_b, keep_percent,
                                           max_new_tokens, layer, policy)
@@ -607,6 +612,7 @@ def make_ui_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
 
     @user_errors
     def on_export(run, progress=gr.Progress()):
+        """Trace (NPZ/JSON), figures (PNG/SVG), run card and a zip of this session's last /compare."""
         from .export import export_run
 
         if run is None:
