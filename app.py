@@ -33,6 +33,7 @@ from tgvkv.webapp.handlers import (  # noqa: E402
 
 MAX_UPLOAD = "10mb"
 STATE_TTL_S = 3600
+MAX_SESSIONS = 200  # sessions whose run state is kept in memory (oldest dropped first)
 
 CSS = """
 .gradio-container {max-width: 1500px !important}
@@ -207,6 +208,7 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, sh
     demo.queue(default_concurrency_limit=concurrency, max_size=32)
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,
                        allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css=CSS, show_error=True,
+                       state_session_capacity=MAX_SESSIONS,
                        prevent_thread_lock=prevent_thread_lock, quiet=prevent_thread_lock)
 
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import gradio as gr
-from tgvkv import POLICIES, CaptureOptions, RunOptions, Trace, compare
+from tgvkv import POLICIES, RunOptions, Trace, compare
 from tgvkv.loading import DEMO_MODEL_DIR
 from tgvkv.webapp import handlers as H
 from tgvkv.webapp import models as M
@@ -57,7 +57,7 @@ def assert_traces_equal(a: Trace, b: Trace) -> None:
 def test_answers_equal_engine_output(run, example):
     loaded = M.get_model(M.DEMO, POLICY)
     ref = compare(loaded.model, loaded.processor, [Image.open(example.path).convert("RGB")], example.question, "tgv-kv",
-                  0.10, 24, options=RunOptions(max_new_tokens=24, seed=0), capture=CaptureOptions(), model_name="demo")
+                  0.10, 24, options=RunOptions(max_new_tokens=24, seed=0), capture=H.CAPTURE, model_name="demo")
     assert run.full.output_text == ref.full.text and run.evicted.output_text == ref.evicted.text
     np.testing.assert_array_equal(run.evicted.output_ids, ref.evicted.token_ids)
     np.testing.assert_array_equal(run.evicted.kept_mask, ref.evicted.trace.kept_mask)

@@ -42,6 +42,8 @@ DEFAULT_KEEP_PERCENT = 10
 DEFAULT_MAX_NEW_TOKENS = 32
 SEED = 0
 PROTOCOL = "official"
+#: what a session's trace may hold: full maps up to 768 tokens, hidden states up to 16 MB (a few layers of a 7B model)
+CAPTURE = CaptureOptions(max_map_tokens=768, max_hidden_bytes=16 * 2**20)
 KL_NOTICEABLE = 0.1  # nats: from here on the evicted model's next-token distribution is visibly different
 
 
@@ -192,7 +194,7 @@ def _compare_locked(loaded: models.LoadedModel, image: Image.Image, question: st
         return compare(
             loaded.model, loaded.processor, [image], question, method, keep_ratio, max_new_tokens,
             options=RunOptions(max_new_tokens=max_new_tokens, protocol=PROTOCOL, seed=seed),
-            capture=CaptureOptions(), model_name=loaded.name,
+            capture=CAPTURE, model_name=loaded.name,
         )
 
 
