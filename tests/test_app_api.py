@@ -156,3 +156,24 @@ def test_upload_size_limit(client, tmp_path):
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * (11 * 2**20))  # over the app's 10 MB upload limit
     with pytest.raises(Exception, match="(?i)too large|exceed|413|maximum"):
         client.predict(handle_file(str(big)), "q ?", "demo", "tgv-kv", 10, 8, api_name="/compare")
+
+
+def test_local_model_folder_when_the_operator_allows_it(tmp_path, example):
+    """`python app.py --allow-local-models`: a saved random-weight model folder can be typed into the model box."""
+    from gradio_client import Client, handle_file
+    from tiny_models import tiny_llava
+
+    model, proc = tiny_llava(image_size=32, layers=2)
+    model.save_pretrained(tmp_path / "tiny")
+    proc.save_pretrained(tmp_path / "tiny")
+    try:
+        with running_app(M.ModelPolicy(allow_local=True)) as u:
+            c = Client(u, verbose=False)
+            summary = c.predict(handle_file(str(example.path)), "what is the colour ?", str(tmp_path / "tiny"),
+                                "tgv-kv", 50, 4, api_name="/compare")[-1]
+            assert summary["num_layers"] == 2 and summary["model"] == str(tmp_path / "tiny")
+            diag = c.predict(api_name="/diagnostics")
+            with Image.open(diag[3]) as im:
+                assert im.size == (480, 480)
+    finally:
+        M.clear_cache()
