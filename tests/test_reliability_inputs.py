@@ -537,3 +537,53 @@ def test_remote_code_is_off_unless_the_operator_opts_in(monkeypatch, cli_setup):
     root, _ = cli_setup
     load_model(root / "model")
     assert seen and all(flag is False for _, flag in seen), seen
+
+
+#: /compare_methods: (id, {argument index: value}, exact message); arguments: 0 image, 1 question, 2 model,
+#: 3 method A, 4 method B, 5 keep %, 6 max new tokens, 7 layer
+COMPARE_ROWS = [
+    ("compare-method-a-unknown", {3: "best"}, f"unknown method 'best'; choose one of: {METHODS_LIST}"),
+    ("compare-method-b-missing", {4: None}, f"unknown method None; choose one of: {METHODS_LIST}"),
+    ("compare-layer-too-high", {7: 99}, "layer must be between 0 and {last}, got 99"),
+    ("compare-layer-not-a-number", {7: "x"}, "layer must be a whole number, got 'x'"),
+    ("compare-image-missing", {0: None}, "please upload an image (or click one of the examples)"),
+    ("compare-question-bell", {1: "what\x07"},
+     "the question contains a control character (U+0007 at position 4); remove it and try again"),
+]
+
+
+@pytest.mark.parametrize("row_id,overrides,message", COMPARE_ROWS, ids=[r[0] for r in COMPARE_ROWS])
+def test_handler_compare_methods_bad_input(app_env, handlers, row_id, overrides, message):
+    import gradio as gr
+
+    image, question, model, _, keep, n = app_env["good"]
+    good = [image, question, model, "tgv-kv", "h2o", keep, n, 0]
+    args = list(good)
+    for i, v in overrides.items():
+        args[i] = v
+    with pytest.raises(gr.Error) as info:
+        handlers["compare_methods"](*args)
+    layers = handlers["run"](*_args(app_env, {}))[0].num_layers
+    assert info.value.message == message.format(last=layers - 1)
+    fig, budgets, md = handlers["compare_methods"](*good)
+    assert "h2o" in md
+
+
+# -- special tokens are read from each family's processor ----------------------------------------------------------
+@pytest.mark.parametrize("family,token", [("tiny_llava", "<image>"), ("tiny_qwen2_vl", "<|image_pad|>"),
+                                          ("tiny_qwen2_vl", "<|vision_start|>"), ("tiny_gemma3", "<start_of_image>"),
+                                          ("tiny_gemma3", "<image_soft_token>"), ("tiny_onevision", "<video>"),
+                                          ("tiny_idefics3", "<row_1_col_1>")])
+def test_typed_special_tokens_of_every_family_are_refused(family, token):
+    import tiny_families
+    import tiny_models
+
+    from tgvkv.validation import reserved_tokens, validate_question
+
+    builder = getattr(tiny_models, family, None) or getattr(tiny_families, family)
+    _, processor = builder()
+    assert token in reserved_tokens(processor)
+    with pytest.raises(ValueError) as info:
+        validate_question(f"what is {token} here ?", processor)
+    assert str(info.value) == SPECIAL.format(token)
+    assert validate_question("what is here ?", processor) == "what is here ?"
