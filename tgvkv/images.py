@@ -23,7 +23,9 @@ def normalise_image(image: Image.Image) -> Image.Image:
     if min(w, h) < MIN_SIDE:
         raise ValueError(f"image is too small ({w}x{h} pixels)")
     if max(w, h) > MAX_ASPECT * min(w, h):
-        raise ValueError(f"image is too elongated ({w}x{h} pixels; the longer side may be at most {MAX_ASPECT} times the shorter)")
+        raise ValueError(
+            f"image is too elongated ({w}x{h} pixels; the longer side may be at most {MAX_ASPECT} times the shorter)"
+        )
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(image, dtype=np.float64)

@@ -135,7 +135,8 @@ class Trace:
                     raise ValueError("not an .npz archive")  # numpy would call it 'pickled data'
                 with np.load(path, allow_pickle=False) as z:
                     if "__meta__" not in z.files:
-                        raise ValueError(f"not a TGV-KV trace (no __meta__ entry; the archive holds {sorted(z.files)[:5]})")
+                        held = sorted(z.files)[:5]
+                        raise ValueError(f"not a TGV-KV trace (no __meta__ entry; the archive holds {held})")
                     meta = json.loads(str(z["__meta__"]))
                     arrays = {k: z[k] for k in z.files if k != "__meta__"}
             elif path.suffix == ".json":

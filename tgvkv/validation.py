@@ -1,4 +1,4 @@
-"""Checks on what a user types or uploads, shared by the engine, the CLI and the app (one message per problem).
+"""What a user types (questions, model names): checks shared by the engine, the CLI and the app.
 
 Every check raises ``ValueError`` with a message meant for the person who typed the input; the app re-raises it as
 ``gr.Error``, the CLI prints it after ``error:``. The limits are module constants so docs and tests quote them.
@@ -41,7 +41,8 @@ def reserved_tokens(processor: Any) -> tuple[str, ...]:
     return tuple(sorted(found, key=lambda s: (-len(s), s)))
 
 
-def validate_question(text: Any, processor: Any = None, *, max_chars: int = MAX_QUESTION_CHARS, what: str = "question") -> str:
+def validate_question(text: Any, processor: Any = None, *, max_chars: int = MAX_QUESTION_CHARS,
+                      what: str = "question") -> str:
     """Return `text` unchanged if it is a usable question, else raise ValueError saying what to fix.
 
     processor: when given, typed-in special tokens of this model are refused (see module docstring).
@@ -90,15 +91,3 @@ def check_model_name(name: str) -> str:
         )
     return name
 
-
-def check_file_size(path: str | Path, max_bytes: int, what: str = "file") -> Path:
-    """A file the server itself received (an upload in Gradio's temp folder) exists and is at most `max_bytes`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"the uploaded {what} is missing")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ValueError(f"the uploaded {what} is too large ({size / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:.0f} MiB)")
-    if size == 0:
-        raise ValueError(f"the uploaded {what} is empty")
-    return path

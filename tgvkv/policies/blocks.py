@@ -122,7 +122,8 @@ def check_int(name: str, value: object, minimum: int) -> int:
 
 def check_number(name: str, value: object, minimum: float) -> float:
     """Validate a finite real hyper-parameter >= minimum (bools and strings rejected). Raises ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value) or value < minimum:
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not real or not np.isfinite(value) or value < minimum:
         raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
     return float(value)
 
