@@ -17,7 +17,7 @@ from .prefill import LMShape
 
 QUESTIONS = ["what colour is the circle ?", "where is the red square ?", "how many objects are there ?",
              "what shape is at the top left ?", "describe the image .", "is there a blue triangle ?",
-             "what is the colour of the object at the center ?", "where is the green circle ?"]
+             "what is the colour at the center ?", "where is the green circle ?"]
 
 
 def demo_model(dtype=torch.float32, device="cpu"):
