@@ -135,7 +135,8 @@ def cmd_all(args) -> None:
     lm = dict(hidden=1024, layers=2, heads=8, kv_heads=8, intermediate=2752) if not q else \
         dict(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128)
     cmd_prefill(argparse.Namespace(**base, lengths=[1024, 2048, 4096, 8192] if not q else [128, 256],
-                                   reps=args.reps if not q else 1, diagnostics=True, eager_max_gib=10.0, **lm))
+                                   reps=args.reps if not q else 1, diagnostics=args.diagnostics or q, eager_max_gib=10.0,
+                                   **lm))
     synth = dict(model="synth", hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1408, grid=44) if not q else \
         dict(model="synth", hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128, grid=8)
     g, r = (32, 3) if not q else (4, 1)
@@ -246,6 +247,7 @@ def main(argv=None) -> None:
     common(p, device=False)
     p.add_argument("--reps", type=int, default=5, help="prefill repetitions")
     p.add_argument("--quick", action="store_true", help="tiny smoke run of the whole suite")
+    p.add_argument("--diagnostics", action="store_true", help="also time the engine's diagnostics capture at prefill")
     p.set_defaults(fn=cmd_all)
 
     p = sub.add_parser("gpu", help="7B-shaped LLaVA-NeXT fp16 on CUDA (needs a GPU)")
