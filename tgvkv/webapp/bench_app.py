@@ -140,12 +140,14 @@ def main(argv: list[str] | None = None) -> dict:
                   "examples": len(examples), "repeats": args.repeats, "device": loaded.device, "dtype": loaded.dtype,
                   "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                   "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                  "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                  "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "load_average_1_5_15_at_start": list(os.getloadavg())},
         "model_load_s": load_s,
         "handlers": bench_handlers(examples, args.repeats),
     }
     if not args.no_api:
         result.update(bench_api_and_browser(examples, args.repeats, not args.no_browser))
+    result["setup"]["load_average_1_5_15_at_end"] = list(os.getloadavg())  # the machine is shared: read with this
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
