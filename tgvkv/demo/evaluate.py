@@ -224,7 +224,7 @@ which equals greedy exact match.)
 ```bash
 python -m tgvkv.demo.train --out assets/demo-vlm {train_args}
 python -m tgvkv.demo.evaluate --model assets/demo-vlm --split test --n {n_per_type} --followup
-python -m tgvkv.demo.evaluate --model assets/demo-vlm --write-card   # this file
+python -m tgvkv.demo.evaluate --model assets/demo-vlm --split test --n {n_per_type} --followup --write-card --card-notes NOTES.md   # this file
 ```
 Training is deterministic for a seed (data from the seed and the step; `torch.manual_seed`); wall-clock time and
 floating-point summation order on other machines can change the last digits.
@@ -241,7 +241,7 @@ QTYPE_DOC = {
 }
 
 
-def write_model_card(model_dir: str, res: dict) -> str:
+def write_model_card(model_dir: str, res: dict, notes: str = "") -> str:
     """README.md of the model folder from an evaluation result and ``training_state.json``."""
     from .build import ModelSpec
 
@@ -266,7 +266,8 @@ def write_model_card(model_dir: str, res: dict) -> str:
     )
     last = state["curve"][-1] if state.get("curve") else {}
     summary = (
-        f"From scratch, seed {cfg.get('seed')}, {state.get('step')} steps of {cfg.get('images_per_step')} images x "
+        (f"Stage continued from `{cfg['init_from']}` (see below), " if cfg.get("init_from") else "From scratch, ")
+        + f"seed {cfg.get('seed')}, {state.get('step')} steps of {cfg.get('images_per_step')} images x "
         f"{cfg.get('pieces_per_image')} packed conversations ({cfg.get('followup_prob')} of them two-turn), "
         f"in {state.get('minutes', 0):.0f} minutes on 2 CPU threads. AdamW (0.9, 0.98), lr {cfg.get('lr')}, "
         f"{cfg.get('warmup')} warmup steps, linear decay to 10% over the last {cfg.get('decay_frac')} of steps, "
@@ -293,7 +294,7 @@ def write_model_card(model_dir: str, res: dict) -> str:
     )
     path = os.path.join(model_dir, "README.md")
     with open(path, "w") as f:
-        f.write(text)
+        f.write(text + (("\n" + notes.strip() + "\n") if notes else ""))
     return path
 
 
@@ -307,6 +308,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="output JSON path (default <model>/eval_<split>.json)")
     ap.add_argument("--write-card", action="store_true", help="write <model>/README.md from the result")
+    ap.add_argument("--card-notes", default=None, help="markdown file appended to the model card")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
@@ -322,7 +324,8 @@ def main(argv=None) -> None:
         json.dump(res, f, indent=1)
     print(f"wrote {path}")
     if args.write_card:
-        print(f"wrote {write_model_card(args.model, res)}")
+        notes = open(args.card_notes).read() if args.card_notes else ""
+        print(f"wrote {write_model_card(args.model, res, notes)}")
 
 
 if __name__ == "__main__":

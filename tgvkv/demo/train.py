@@ -49,6 +49,8 @@ class TrainConfig:
     one_object_frac: float = 0.0  # curriculum: share of 1-object scenes during the first `curriculum_steps`
     curriculum_steps: int = 0
     describe_weight: float = 2.0  # sampling weight of the describe type (others 1)
+    type_weights: str = ""  # overrides, e.g. "shape=3,exists=3" (sampling weights per question type)
+    init_from: str = ""  # continue from a saved model folder (second training stage) instead of random weights
     val_every: int = 200
     val_n: int = 700
     save_every: int = 200
@@ -179,6 +181,9 @@ class Packer:
 
 def sample_qtype(rng: random.Random, cfg: TrainConfig) -> str:
     weights = [cfg.describe_weight if t == "describe" else 1.0 for t in scenes.QUESTION_TYPES]
+    for item in filter(None, cfg.type_weights.split(",")):
+        name, w = item.split("=")
+        weights[scenes.QUESTION_TYPES.index(name.strip())] = float(w)
     return rng.choices(scenes.QUESTION_TYPES, weights)[0]
 
 
