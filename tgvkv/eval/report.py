@@ -203,7 +203,8 @@ def claims(rows: dict, summary: dict, protocol: str, turn: str) -> list[str]:
 def report(folder: str | Path) -> str:
     folder = Path(folder)
     summary = json.loads((folder / SUMMARY_JSON).read_text())
-    rows = load_all_rows(folder)
+    n = summary["n_examples"]  # the task's examples are a prefix (index < n) of what the rows may hold
+    rows = {k: r for k, r in load_all_rows(folder).items() if r["example_index"] < n}
     parts = [f"Model `{summary['model']}`, task `{summary['task']}`, {summary['n_examples']} examples, "
              f"max {summary['max_new_tokens']} new tokens, greedy. Cells: accuracy % (relative to full KV %)."]
     combos = list(dict.fromkeys((r["protocol"], r["turn"]) for r in summary["table"]))
@@ -229,8 +230,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder")
     args = ap.parse_args(argv)
-    if not (Path(args.folder) / ROWS).exists():
-        raise SystemExit(f"no {ROWS} in {args.folder}")
+    if not (Path(args.folder) / SUMMARY_JSON).exists() or not load_all_rows(Path(args.folder)):
+        raise SystemExit(f"no {SUMMARY_JSON} or no rows ({ROWS}, {ROWS}.gz, rows.rank*.jsonl) in {args.folder}")
     print(report(args.folder))
 
 

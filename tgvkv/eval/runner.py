@@ -77,8 +77,7 @@ class EvalConfig:
 
     def identity(self) -> dict[str, Any]:
         """What the rows depend on (besides the method/keep/protocol/example of each row)."""
-        return {"model": self.model, "max_new_tokens": self.max_new_tokens, "seed": self.seed, "dtype": self.dtype,
-                "followup": self.followup}
+        return {"max_new_tokens": self.max_new_tokens, "seed": self.seed, "dtype": self.dtype, "followup": self.followup}
 
 
 # -- methods ---------------------------------------------------------------------------------------------------
@@ -240,6 +239,7 @@ def model_fingerprint(model: str) -> str:
 
 
 def run_identity(cfg: EvalConfig, task: Task) -> dict[str, Any]:
+    """The model enters by its weights' fingerprint (a local folder may move; the same weights give the same rows)."""
     info = {k: v for k, v in task.info.items() if k != "n"}
     return {**cfg.identity(), "model_fingerprint": model_fingerprint(cfg.model), "task": info}
 
