@@ -18,50 +18,20 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..layout import TokenLayout
-from ..stats import PrefillStats, StatRequest
 from . import blocks
-from .base import DecodeRule, Policy, Selection
-from .decode_rules import PooledRowRule
-from .snapkv import POOLINGS, snap_keep, window_scores
+from .snapkv import SnapKV
 
 
 @dataclass
-class PyramidKV(Policy):
+class PyramidKV(SnapKV):
     """SnapKV scoring with pyramidal (linearly decreasing) layer budgets."""
 
     name: ClassVar[str] = "pyramidkv"
-    decodes_by_default: ClassVar[bool] = False
-    window_size: int = 32
-    kernel_size: int = 5
-    pooling: str = "avg"
     beta: int = 20  # top layer prefix budget = B / beta (official default)
-    decode: bool = False
 
     def __post_init__(self) -> None:
-        blocks.check_int("window_size", self.window_size, 1)
-        blocks.check_int("kernel_size", self.kernel_size, 1)
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (same-length pooling), got {self.kernel_size}")
-        blocks.check_choice("pooling", self.pooling, POOLINGS)
+        super().__post_init__()
         blocks.check_int("beta", self.beta, 1)
-        blocks.check_bool("decode", self.decode)
 
-    def request(self, layout: TokenLayout) -> StatRequest:
-        T = layout.seq_len
-        return StatRequest(query_positions=np.arange(max(0, T - self.window_size), T, dtype=np.int64))
-
-    def select(self, stats: PrefillStats, layout: TokenLayout, keep_ratio: float) -> Selection:
-        L, T = stats.num_layers, layout.seq_len
-        K = blocks.uniform_budget(T, keep_ratio)
-        w = min(self.window_size, K)
-        budgets = blocks.pyramid_budgets(L, K, w, T, self.beta)
-        scores = window_scores(stats, T, w, self.kernel_size, self.pooling)
-        kept = [snap_keep(scores[l], T, w, int(budgets[l])) for l in range(L)]
-        return Selection(kept=kept, budgets=budgets, scores=scores, info={"window": np.full(L, w)})
-
-    def decode_rule(self, selection: Selection, layout: TokenLayout) -> DecodeRule | None:
-        if not self.decode:
-            return None
-        w = int(selection.info["window"][0])
-        return PooledRowRule(selection.budgets.copy(), window=w, kernel_size=self.kernel_size, pooling=self.pooling)
+    def layer_budgets(self, num_layers: int, budget: int, window: int, seq_len: int) -> np.ndarray:
+        return blocks.pyramid_budgets(num_layers, budget, window, seq_len, self.beta)

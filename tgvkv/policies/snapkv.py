@@ -70,9 +70,14 @@ class SnapKV(Policy):
         L, T = stats.num_layers, layout.seq_len
         K = blocks.uniform_budget(T, keep_ratio)
         w = min(self.window_size, K)
+        budgets = self.layer_budgets(L, K, w, T)
         scores = window_scores(stats, T, w, self.kernel_size, self.pooling)
-        kept = [snap_keep(scores[l], T, w, K) for l in range(L)]
-        return Selection(kept=kept, budgets=np.full(L, K), scores=scores, info={"window": np.full(L, w)})
+        kept = [snap_keep(scores[l], T, w, int(budgets[l])) for l in range(L)]
+        return Selection(kept=kept, budgets=budgets, scores=scores, info={"window": np.full(L, w)})
+
+    def layer_budgets(self, num_layers: int, budget: int, window: int, seq_len: int) -> np.ndarray:
+        """(L,) kept tokens per layer: SnapKV spends the same budget in every layer."""
+        return np.full(num_layers, budget)
 
     def decode_rule(self, selection: Selection, layout: TokenLayout) -> DecodeRule | None:
         if not self.decode:
