@@ -1,12 +1,11 @@
 """Engine on a tiny random-weight LLaVA: parity with plain generate, SDPA vs eager, budgets, bytes, positions."""
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import pytest
 import torch
-from tiny_models import random_image, tiny_llava
+from tiny_models import attn, random_image, tiny_llava
 
 import tgvkv
 from tgvkv import hf_compat
@@ -19,17 +18,6 @@ FOLLOWUP = "where is the square ?"
 @pytest.fixture(scope="module")
 def llava():
     return tiny_llava(seed=1)
-
-
-@contextlib.contextmanager
-def attn(model, name: str):
-    """Temporarily switch the language model's attention implementation."""
-    old = model.config.get_text_config(decoder=True)._attn_implementation
-    model.set_attn_implementation({"text_config": name})
-    try:
-        yield
-    finally:
-        model.set_attn_implementation({"text_config": old})
 
 
 def plain_generate(model, proc, images, prompt: str, n: int) -> list[int]:

@@ -6,13 +6,12 @@ equal the ones without eviction; the layout maps every vision token to a grid ce
 """
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import pytest
 import torch
 import tiny_families as tf
-from tiny_models import random_image
+from tiny_models import attn, random_image
 
 from tgvkv import hf_compat
 from tgvkv.generation import RunOptions, build_layout, generate
@@ -54,16 +53,6 @@ def family(request):
     rng = np.random.default_rng(0)
     videos = [rng.integers(0, 255, (*shape, 3), dtype=np.uint8) for shape in (clips[0] if clips else [])]
     return request.param, model, proc, images, videos
-
-
-@contextlib.contextmanager
-def attn(model, name: str):
-    old = model.config.get_text_config(decoder=True)._attn_implementation
-    model.set_attn_implementation({"text_config": name})
-    try:
-        yield
-    finally:
-        model.set_attn_implementation({"text_config": old})
 
 
 def plain_generate(model, proc, images, question: str, n: int, videos=()) -> list[int]:

@@ -1,6 +1,8 @@
 """Tiny random-weight VLMs built from configs (no hub), with processors that load like hub ones."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from PIL import Image
@@ -59,3 +61,14 @@ def tiny_llava(seed: int = 0, image_size: int = 32, patch: int = 8, layers: int 
 def random_image(seed: int = 0, size: tuple[int, int] = (40, 32)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@contextlib.contextmanager
+def attn(model, name: str):
+    """Temporarily switch the language model's attention implementation (e.g. "sdpa", "tgvkv", "tgvkv_eager")."""
+    old = model.config.get_text_config(decoder=True)._attn_implementation
+    model.set_attn_implementation({"text_config": name})
+    try:
+        yield
+    finally:
+        model.set_attn_implementation({"text_config": old})
