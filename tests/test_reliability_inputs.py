@@ -118,8 +118,8 @@ CLI_ROWS = [
      "could not load model id 'nobody/no-such-model': We couldn't connect to 'https://huggingface.co' to load the "
      "files, and couldn't find them in the cached files. (hub ids need network access; offline, use a local folder "
      "such as assets/demo-vlm)"),
-    ("model-dotdot-path", {"--model": "../../etc"},
-     "could not load local folder '../../etc': it is not a model folder (no config.json inside)"),
+    ("model-dotdot-path", {"--model": "{d}/.."},  # an existing folder reached with "..", whatever the clone's depth
+     "could not load local folder '{d}/..': it is not a model folder (no config.json inside)"),
     ("model-missing-folder", {"--model": "{d}/no_model"}, "could not load local folder '{d}/no_model': no such folder"),
     ("model-malformed-id", {"--model": "a b"},
      "could not load 'a b': it is neither a local model folder nor a hub id of the form owner/name (letters, "
