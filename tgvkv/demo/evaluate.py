@@ -222,7 +222,7 @@ which equals greedy exact match.)
 
 ## Reproduce
 ```bash
-python -m tgvkv.demo.train --out assets/demo-vlm {train_args}
+{train_args}
 python -m tgvkv.demo.evaluate --model assets/demo-vlm --split test --n {n_per_type} --followup
 python -m tgvkv.demo.evaluate --model assets/demo-vlm --split test --n {n_per_type} --followup --write-card --card-notes NOTES.md   # this file
 ```
@@ -241,7 +241,74 @@ QTYPE_DOC = {
 }
 
 
-def write_model_card(model_dir: str, res: dict, notes: str = "") -> str:
+CARD_EVICTION_METHODS = {  # the issue's four columns: method name -> what it stands for
+    "tgv-kv": "text-guided selection (TGV-KV)",
+    "random": "random",
+    "streamingllm": "sinks + recent (StreamingLLM)",
+    "tgv-evict-text-first": "evict text first",
+}
+
+
+def eviction_table(results_dir: str, methods: dict[str, str] = CARD_EVICTION_METHODS) -> str:
+    """Markdown tables (first question and follow-up) from a ``python -m tgvkv.eval`` output folder.
+
+    Reads its ``summary.csv``; raises if the folder lacks a method of ``methods`` or any budget.
+    """
+    from tgvkv.eval.runner import SUMMARY_CSV, read_summary_csv
+
+    path = os.path.join(results_dir, SUMMARY_CSV)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run python -m tgvkv.eval --out {results_dir} first")
+    rows = [r for r in read_summary_csv(path) if r["qtype"] == "all" and r["protocol"] == "official"]
+    keeps = sorted({float(r["keep"]) for r in rows if r["method"] != "full"})
+    cell = {(r["method"], float(r["keep"]), r["turn"]): r for r in rows}
+    out = []
+    for turn, title in (("first", "first question"), ("followup", "follow-up question (second turn on the evicted cache)")):
+        full = next((r for r in rows if r["method"] == "full" and r["turn"] == turn), None)
+        if full is None:
+            raise ValueError(f"{path}: no full-KV row for turn {turn!r}")
+        out += [f"**{title}**, official protocol, exact match % (n={full['n']}; full KV {100 * float(full['accuracy']):.1f}%)",
+                "", "| method | " + " | ".join(f"{100 * k:g}% kept" for k in keeps) + " |",
+                "|---|" + "---|" * len(keeps)]
+        for m, label in methods.items():
+            vals = []
+            for k in keeps:
+                r = cell.get((m, k, turn))
+                if r is None:
+                    raise ValueError(f"{path}: no row for {m} at keep {k} ({turn})")
+                vals.append(f"{100 * float(r['accuracy']):.1f}")
+            out.append(f"| {label} | " + " | ".join(vals) + " |")
+        out.append("")
+    kv = [r for r in rows if r["method"] == "tgv-kv" and r["turn"] == "first"]
+    out.append("KV kept (bytes, mean over the questions): " + ", ".join(
+        f"{100 * float(r['keep']):g}% -> {float(r['kv_bytes_kept']) / 1024:.0f} KiB of {float(r['kv_bytes_full']) / 1024:.0f} KiB"
+        for r in sorted(kv, key=lambda r: float(r["keep"]))) + ".")
+    return "\n".join(out)
+
+
+def _shell(v) -> str:
+    v = str(v)
+    return v if v and all(c.isalnum() or c in "._-/=" for c in v) else "'" + v.replace("'", "'\\''") + "'"
+
+
+def _stage_summary(stage: dict) -> str:
+    from .train import TrainConfig
+
+    cfg = {**TrainConfig().__dict__, **stage.get("train_config", {})}  # keys added later take their defaults
+    start = f"continued from `{cfg['init_from']}` on unseen scenes (from scene {cfg.get('data_offset', 0)})" \
+        if cfg.get("init_from") else "from scratch"
+    sched = "of the wall-clock budget" if cfg.get("schedule") == "time" else "of steps"
+    weights = f"; question-type sampling weights {cfg['type_weights']}" if cfg.get("type_weights") else ""
+    return (
+        f"{start.capitalize()}, seed {cfg.get('seed')}: {stage.get('step')} steps of {cfg.get('images_per_step')} images x "
+        f"{cfg.get('pieces_per_image')} packed conversations ({cfg.get('followup_prob')} of them two-turn) in "
+        f"{(stage.get('minutes') or 0):.0f} minutes on {cfg.get('threads', 2)} CPU threads; lr {cfg.get('lr')}, "
+        f"{cfg.get('warmup')} warm-up steps, linear decay to 10% over the last {cfg.get('decay_frac')} {sched}"
+        f"{weights}. Last validation point: {json.dumps(stage.get('last_validation', {}))}."
+    )
+
+
+def write_model_card(model_dir: str, res: dict, notes: str = "", eviction_results: str | None = None) -> str:
     """README.md of the model folder from an evaluation result and ``training_state.json``."""
     from .build import ModelSpec
 
@@ -261,20 +328,21 @@ def write_model_card(model_dir: str, res: dict, notes: str = "") -> str:
         defaults = TrainConfig().__dict__
     except ImportError:  # pragma: no cover
         pass
-    train_args = " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k != "out" and defaults is not None and defaults.get(k) != v
+    stages = list(state.get("previous_stages", [])) + [
+        {"train_config": cfg, "step": state.get("step"), "minutes": state.get("minutes", 0),
+         "last_validation": state["curve"][-1] if state.get("curve") else {}}
+    ]
+    summary = "\n".join(
+        f"{k + 1}. " + _stage_summary(st) for k, st in enumerate(stages)
+    ) + (
+        "\n\nAll stages: AdamW (0.9, 0.98), weight decay on matrices only, gradient clipping, loss on answer tokens "
+        "(and `</s>`) only. Packing: one row = one image + several conversations; a 4-D mask lets each see only the "
+        "image prefix and itself, with position ids restarting after the image (identical to unpacked inference)."
     )
-    last = state["curve"][-1] if state.get("curve") else {}
-    summary = (
-        (f"Stage continued from `{cfg['init_from']}` (see below), " if cfg.get("init_from") else "From scratch, ")
-        + f"seed {cfg.get('seed')}, {state.get('step')} steps of {cfg.get('images_per_step')} images x "
-        f"{cfg.get('pieces_per_image')} packed conversations ({cfg.get('followup_prob')} of them two-turn), "
-        f"in {state.get('minutes', 0):.0f} minutes on 2 CPU threads. AdamW (0.9, 0.98), lr {cfg.get('lr')}, "
-        f"{cfg.get('warmup')} warmup steps, linear decay to 10% over the last {cfg.get('decay_frac')} of steps, "
-        f"weight decay {cfg.get('weight_decay')} on matrices, gradient clipping {cfg.get('clip')}; loss on answer tokens "
-        f"(and `</s>`) only. Packing: one row = one image + several conversations; a 4-D mask lets each see only the "
-        f"image prefix and itself, with position ids restarting after the image (identical to unpacked inference). "
-        f"Last validation point: {json.dumps({k: v for k, v in last.items()})}."
+    train_args = "\n".join(
+        ("python -m tgvkv.demo.train --out assets/demo-vlm " + " ".join(f"--{k.replace('_', '-')} {_shell(v)}" for k, v in st["train_config"].items()
+                   if k != "out" and defaults is not None and k in defaults and defaults.get(k) != v)).strip()
+        for st in stages
     )
     text = CARD_TEMPLATE.format(
         shapes="/".join(scenes.SHAPES),
@@ -292,6 +360,13 @@ def write_model_card(model_dir: str, res: dict, notes: str = "") -> str:
         train_args=train_args,
         **spec,
     )
+    if eviction_results:
+        text += (
+            "\n## Under KV eviction (`python -m tgvkv.eval`, results in `" + eviction_results + "`)\n"
+            "The KV budget is a share of *all* prompt KV per layer (image and text), as in the paper; the first answer "
+            "token is computed before eviction (official protocol), every later token and the follow-up turn on the "
+            "evicted cache.\n\n" + eviction_table(eviction_results) + "\n"
+        )
     path = os.path.join(model_dir, "README.md")
     with open(path, "w") as f:
         f.write(text + (("\n" + notes.strip() + "\n") if notes else ""))
@@ -309,6 +384,9 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None, help="output JSON path (default <model>/eval_<split>.json)")
     ap.add_argument("--write-card", action="store_true", help="write <model>/README.md from the result")
     ap.add_argument("--card-notes", default=None, help="markdown file appended to the model card")
+    ap.add_argument("--eviction-results", default=None,
+                    help="a python -m tgvkv.eval output folder; its tgv-kv/random/streamingllm/evict-text-first rows "
+                         "become the card's eviction table")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
@@ -325,7 +403,7 @@ def main(argv=None) -> None:
     print(f"wrote {path}")
     if args.write_card:
         notes = open(args.card_notes).read() if args.card_notes else ""
-        print(f"wrote {write_model_card(args.model, res, notes)}")
+        print(f"wrote {write_model_card(args.model, res, notes, args.eviction_results)}")
 
 
 if __name__ == "__main__":

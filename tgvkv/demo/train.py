@@ -50,12 +50,12 @@ class TrainConfig:
     curriculum_steps: int = 0
     describe_weight: float = 2.0  # sampling weight of the describe type (others 1)
     type_weights: str = ""  # overrides, e.g. "shape=3,exists=3" (sampling weights per question type)
-    init_from: str = ""  # continue from a saved model folder (second training stage) instead of random weights
     val_every: int = 200
     val_n: int = 700
     save_every: int = 200
     threads: int = 2
     max_minutes: float = 0.0  # stop (and save) after this wall-clock time; 0 = no limit
+    schedule: str = "steps"  # "steps": decay over the last steps; "time": over the last share of max_minutes
     init_from: str = ""  # continue training from this checkpoint folder (fresh optimiser, new data from data_offset)
     data_offset: int = 0  # first training scene index (continuations use scenes the first run never saw)
     pos_init: str = "sincos"  # initial CLIP patch position embeddings: "sincos" (2-D, row/column) or "random"
@@ -298,13 +298,50 @@ def init_2d_positions(model, scale: float) -> None:
         emb[1:, : code.shape[1]] = scale * code
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def _previous_stages(folder: str) -> list[dict]:
+    """The training history of a checkpoint we continue from (its own earlier stages, then itself)."""
+    path = os.path.join(folder, "training_state.json")
+    if not os.path.exists(path):
+        return [{"train_config": {"init_from": folder}, "note": "no training_state.json in the folder"}]
+    with open(path) as f:
+        state = json.load(f)
+    last = state["curve"][-1] if state.get("curve") else {}
+    own = {"train_config": state.get("train_config", {}), "step": state.get("step"), "minutes": state.get("minutes"),
+           "last_validation": last, "curve": state.get("curve", [])}
+    return list(state.get("previous_stages", [])) + [own]
+
+
+def full_curve(folder: str) -> list[dict]:
+    """The validation curve over all training stages of a checkpoint, steps counted from the first stage."""
+    with open(os.path.join(folder, "training_state.json")) as f:
+        state = json.load(f)
+    rows, offset = [], 0
+    for stage in list(state.get("previous_stages", [])) + [{"curve": state.get("curve", []), "step": state.get("step")}]:
+        for r in stage.get("curve", []):
+            rows.append({**r, "step": r["step"] + offset})
+        offset += stage.get("step") or 0
+    return rows
+
+
+def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up, constant, then linear decay to 10% over the last ``decay_frac`` of the run.
+
+    With ``schedule="time"`` the run's progress is the larger of the step and wall-clock fractions, so a
+    run cut by ``max_minutes`` still ends with its decay (at the cost of step-exact reproducibility).
+    """
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    decay_start = int(cfg.steps * (1 - cfg.decay_frac))
-    if step < decay_start:
+    progress = step / max(1, cfg.steps)
+    if cfg.schedule == "time":
+        if cfg.max_minutes <= 0:
+            raise ValueError("schedule='time' needs max_minutes > 0")
+        progress = max(progress, elapsed_s / (cfg.max_minutes * 60))
+    elif cfg.schedule != "steps":
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; expected 'steps' or 'time'")
+    decay_start = 1 - cfg.decay_frac
+    if progress < decay_start:
         return cfg.lr
-    frac = (step - decay_start) / max(1, cfg.steps - decay_start)
+    frac = min(1.0, (progress - decay_start) / max(1e-9, cfg.decay_frac))
     return cfg.lr * (1 - 0.9 * frac)
 
 
@@ -344,6 +381,7 @@ def train(cfg: TrainConfig, spec: ModelSpec = ModelSpec()) -> dict:
     model.train()
     packer = Packer(processor)
     n_params = sum(p.numel() for p in model.parameters())
+    previous_stages = _previous_stages(cfg.init_from) if cfg.init_from else []
     log.info("model: %d parameters; config %s", n_params, json.dumps(spec.to_dict()))
 
     decay, no_decay = [], []
@@ -363,8 +401,9 @@ def train(cfg: TrainConfig, spec: ModelSpec = ModelSpec()) -> dict:
     t0 = time.time()
     ema = None
     for step in range(cfg.steps):
+        lr = lr_at(step, cfg, time.time() - t0)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr
         batch = packer.pack(train_groups(cfg, step, seed_cursor))
         out = model(
             input_ids=batch["input_ids"],
@@ -383,7 +422,7 @@ def train(cfg: TrainConfig, spec: ModelSpec = ModelSpec()) -> dict:
         elapsed = time.time() - t0
         last = step == cfg.steps - 1 or (cfg.max_minutes and elapsed > cfg.max_minutes * 60)
         if step % 50 == 0:
-            log.info("step %d loss %.4f (ema %.4f) lr %.2e %.1f min", step, loss.item(), ema, lr_at(step, cfg), elapsed / 60)
+            log.info("step %d loss %.4f (ema %.4f) lr %.2e %.1f min", step, loss.item(), ema, lr, elapsed / 60)
         if (step + 1) % cfg.val_every == 0 or last:
             acc = evaluate_teacher_forced(model, packer, val_qas, val_g)
             row = {"step": step + 1, "minutes": round(elapsed / 60, 2), "train_loss_ema": round(ema, 5)}
@@ -395,7 +434,8 @@ def train(cfg: TrainConfig, spec: ModelSpec = ModelSpec()) -> dict:
                 w.writeheader()
                 w.writerows(curve)
         if (step + 1) % cfg.save_every == 0 or last:
-            save(model, processor, cfg.out, cfg, spec, {"step": step + 1, "minutes": elapsed / 60, "n_params": n_params, "curve": curve})
+            save(model, processor, cfg.out, cfg, spec, {"step": step + 1, "minutes": elapsed / 60, "n_params": n_params, "curve": curve,
+                 "previous_stages": previous_stages})
             log.info("saved checkpoint at step %d to %s", step + 1, cfg.out)
         if last:
             break
@@ -417,7 +457,7 @@ def main(argv=None) -> None:
     if not args["no_plot"]:
         from .evaluate import plot_curve
 
-        plot_curve(res["curve"], os.path.join(cfg.out, "training_curve.png"))
+        plot_curve(full_curve(cfg.out), os.path.join(cfg.out, "training_curve.png"))
 
 
 if __name__ == "__main__":
