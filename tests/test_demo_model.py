@@ -73,6 +73,30 @@ def test_checker_agrees_with_every_generated_answer():
         assert qa.answer.split()[0] in {"the", "there"}
 
 
+def test_repeated_shape_training_scenes_need_the_colour():
+    """Training-only scenes with a shared shape: deterministic, checker agrees, no "colour of the <shape>" asked."""
+    from tgvkv.demo import train
+
+    for seed in range(400):
+        scene = scenes.make_scene(seed, repeat_shapes=True)
+        assert scene == scenes.make_scene(seed, repeat_shapes=True)
+        assert 2 <= len(scene.objects) <= scenes.MAX_OBJECTS
+        assert len({o.shape for o in scene.objects}) < len(scene.objects)  # a shape repeats
+        assert len({o.color for o in scene.objects}) == len(scene.objects)  # colours stay unique
+        rng = random.Random(seed)
+        for qtype in ("shape", "where", "exists", "position", "count", "describe"):
+            qa = scenes.make_qa(scene, qtype, rng, followup_type=rng.choice(["shape", "where", "exists", "position"]))
+            assert scenes.check_answer(qa) == qa.answer and scenes.check_followup(qa) == qa.followup_answer
+    assert scenes.make_scene(5, repeat_shapes=False) == scenes.make_scene(5)  # val/test scenes unchanged
+    with pytest.raises(ValueError, match="n_objects must be in 2..3, got 1"):
+        scenes.make_scene(0, n_objects=1, repeat_shapes=True)
+    cfg = train.TrainConfig(repeat_shapes_frac=1.0, images_per_step=6)
+    for step in range(5):
+        for _, convs in train.train_groups(cfg, step, [1000 * step]):
+            for words, _, _ in convs:
+                assert words[:2] != ["what", "color"] and "user : what color" not in " ".join(words)
+
+
 def test_splits_share_no_scene():
     ranges = {s: scenes.split_seeds(s) for s in ("train", "val", "test")}
     names = list(ranges)

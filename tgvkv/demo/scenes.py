@@ -156,13 +156,23 @@ def layout_split(scene: Scene) -> str:
     return "test" if h == 0 else "val" if h == 1 else "train"
 
 
-def make_scene(seed: int, n_objects: int | None = None) -> Scene:
-    """Deterministic scene for a seed: 1-3 objects, distinct shapes, colours and cells."""
+def make_scene(seed: int, n_objects: int | None = None, repeat_shapes: bool = False) -> Scene:
+    """Deterministic scene for a seed: 1-3 objects, distinct shapes, colours and cells.
+
+    ``repeat_shapes`` (training only; never used for val/test): scenes of 2-3 objects where at least two objects
+    share a shape, so that finding "the red object" or "the red circle" needs the colour, not the shape alone.
+    Colours stay distinct, so questions keyed by colour stay unambiguous.
+    """
     rng = random.Random(seed)
-    n = n_objects if n_objects is not None else rng.randint(1, MAX_OBJECTS)
-    if not 1 <= n <= MAX_OBJECTS:
-        raise ValueError(f"n_objects must be in 1..{MAX_OBJECTS}, got {n}")
-    shapes = rng.sample(SHAPES, n)
+    n = n_objects if n_objects is not None else rng.randint(2 if repeat_shapes else 1, MAX_OBJECTS)
+    if not (2 if repeat_shapes else 1) <= n <= MAX_OBJECTS:
+        raise ValueError(f"n_objects must be in {2 if repeat_shapes else 1}..{MAX_OBJECTS}, got {n}")
+    if repeat_shapes:
+        shared = rng.choice(SHAPES)
+        shapes = [shared, shared] + [rng.choice(SHAPES) for _ in range(n - 2)]
+        rng.shuffle(shapes)
+    else:
+        shapes = rng.sample(SHAPES, n)
     colors = rng.sample(sorted(COLORS), n)
     cells = rng.sample(range(GRID * GRID), n)
     objs = [SceneObject(c, s, cell // GRID, cell % GRID) for c, s, cell in zip(colors, shapes, cells)]

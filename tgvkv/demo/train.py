@@ -49,6 +49,7 @@ class TrainConfig:
     one_object_frac: float = 0.0  # curriculum: share of 1-object scenes during the first `curriculum_steps`
     curriculum_steps: int = 0
     describe_weight: float = 2.0  # sampling weight of the describe type (others 1)
+    repeat_shapes_frac: float = 0.0  # share of training scenes where two objects share a shape (colour binding)
     type_weights: str = ""  # overrides, e.g. "shape=3,exists=3" (sampling weights per question type)
     val_every: int = 200
     val_n: int = 700
@@ -179,11 +180,12 @@ class Packer:
 # Data
 
 
-def sample_qtype(rng: random.Random, cfg: TrainConfig) -> str:
+def sample_qtype(rng: random.Random, cfg: TrainConfig, exclude: tuple[str, ...] = ()) -> str:
     weights = [cfg.describe_weight if t == "describe" else 1.0 for t in scenes.QUESTION_TYPES]
     for item in filter(None, cfg.type_weights.split(",")):
         name, w = item.split("=")
         weights[scenes.QUESTION_TYPES.index(name.strip())] = float(w)
+    weights = [0.0 if t in exclude else w for t, w in zip(scenes.QUESTION_TYPES, weights)]
     return rng.choices(scenes.QUESTION_TYPES, weights)[0]
 
 
@@ -196,12 +198,18 @@ def train_groups(cfg: TrainConfig, step: int, seed_cursor: list[int]):
         seed = train_range[seed_cursor[0] % len(train_range)]
         seed_cursor[0] += 1
         n_obj = 1 if (step < cfg.curriculum_steps and rng.random() < cfg.one_object_frac) else None
-        scene = scenes.make_scene(seed, n_objects=n_obj)
+        repeat = n_obj is None and rng.random() < cfg.repeat_shapes_frac
+        scene = scenes.make_scene(seed, n_objects=n_obj, repeat_shapes=repeat)
         if scenes.layout_split(scene) != "train":
             continue
         convs = []
         for _ in range(cfg.pieces_per_image):
-            qa = scenes.make_qa(scene, sample_qtype(rng, cfg), rng)
+            if repeat:  # "what color is the circle ?" is ambiguous when two circles are in the scene
+                qtype = sample_qtype(rng, cfg, exclude=("color",))
+                ftype = rng.choice([t for t in scenes.FOLLOWUP_TYPES if t != "color"])
+                qa = scenes.make_qa(scene, qtype, rng, followup_type=ftype)
+            else:
+                qa = scenes.make_qa(scene, sample_qtype(rng, cfg), rng)
             words, is_ans = conversation_tokens(qa, rng.random() < cfg.followup_prob)
             convs.append((words, is_ans, 0))
         groups.append((scene.render(), convs))
