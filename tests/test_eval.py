@@ -232,6 +232,26 @@ def test_other_configuration_is_refused(setup, capsys):
     assert "max_new_tokens" in capsys.readouterr().err
 
 
+def test_rows_of_unknown_origin_are_refused_and_overwrite_clears_the_gzip_copy(setup, tmp_path, capsys):
+    """Rows without run.json (e.g. a committed rows.jsonl.gz from another model) are never mixed into a new run."""
+    import gzip
+
+    _, model, task, ref = setup
+    out = tmp_path / "gz"
+    out.mkdir()
+    stale = [json.loads(line) for line in (ref / "rows.jsonl").read_text().splitlines()]
+    for r in stale:
+        r["prediction"], r["score"] = "stale answer", -1.0
+    (out / "rows.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in stale).encode()))
+    assert eval_main(_args(model, task, out)) == 2
+    assert "holds result rows but no run.json" in capsys.readouterr().err
+    assert eval_main(_args(model, task, out) + ["--overwrite"]) == 0
+    assert not (out / "rows.jsonl.gz").exists()
+    fresh = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert len(fresh) == len(stale) and all(r["score"] >= 0 and r["prediction"] != "stale answer" for r in fresh)
+    assert _summary(out / "summary.csv") == _summary(ref / "summary.csv")
+
+
 def test_subset_of_methods_extends_without_recomputing(setup, tmp_path):
     """A later run with fewer methods/budgets summarises only those, from rows already on disk."""
     _, model, task, ref = setup

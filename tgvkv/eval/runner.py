@@ -253,12 +253,15 @@ def check_identity(out: Path, ident: dict[str, Any], write: bool) -> None:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {ident.get(k)!r}" for k in diff)
             raise ValueError(f"{out} holds results of another configuration ({details}); use another --out, "
                              "or --overwrite to discard them")
+    elif any(p.exists() for p in [out / ROWS, out / (ROWS + ".gz"), *rank_files(out)]):
+        raise ValueError(f"{out} holds result rows but no {RUN_FILE}, so they cannot be matched to this configuration; "
+                         "use another --out, or --overwrite to discard them")
     elif write:
         _atomic_write(path, json.dumps(ident, indent=1) + "\n")
 
 
 def clear_results(out: Path) -> None:
-    for p in [out / ROWS, out / RUN_FILE, out / SUMMARY_CSV, out / SUMMARY_JSON, out / f"{PLOT_STEM}.png",
+    for p in [out / ROWS, out / (ROWS + ".gz"), out / RUN_FILE, out / SUMMARY_CSV, out / SUMMARY_JSON, out / f"{PLOT_STEM}.png",
               out / f"{PLOT_STEM}.html", *rank_files(out)]:
         if p.exists():
             p.unlink()
