@@ -223,7 +223,7 @@ FIXED_TEST_QUESTIONS = [
 
 
 # Types on which the shipped model meets the per-type target; see assets/demo-vlm/README.md for the others.
-AT_TARGET = {"color", "where", "count", "describe"}
+AT_TARGET = {"color", "where", "position", "exists", "count", "describe"}
 
 
 def test_model_answers_fixed_test_questions(model, processor):
@@ -249,4 +249,4 @@ def test_model_accuracy_floor_on_test_split(model, processor):
 
     qas = scenes.dataset("test", 70)
     res = evaluate.evaluate(model, processor, qas, batch_size=70)
-    assert res["overall"] >= 0.75, res["per_type"]
+    assert res["overall"] >= 0.8, res["per_type"]  # shipped model: 0.843 on these 70 (0.909 on 2,100)

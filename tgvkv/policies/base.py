@@ -84,6 +84,9 @@ class Policy(ABC):
     name: ClassVar[str] = ""
     #: whether the policy also evicts during decoding by default (the `decode` option overrides where supported)
     decodes_by_default: ClassVar[bool] = False
+    # a configurable skeleton whose named configurations are registered too (evaluations list those instead);
+    # read from the class's own namespace, so subclasses (the named configurations) are not generic
+    generic: ClassVar[bool] = False
 
     @abstractmethod
     def request(self, layout: TokenLayout) -> StatRequest:

@@ -52,6 +52,7 @@ class TGVAblation(Policy):
 
     name: ClassVar[str] = "tgv-ablation"
     decodes_by_default: ClassVar[bool] = True
+    generic: ClassVar[bool] = True
     budget: str = "tvb"
     vision_rank: str = "twr"
     text_rank: str = "tt"
