@@ -224,7 +224,7 @@ which equals greedy exact match.)
 ```bash
 {train_args}
 python -m tgvkv.demo.evaluate --model assets/demo-vlm --split test --n {n_per_type} --followup
-python -m tgvkv.demo.evaluate --model assets/demo-vlm --split test --n {n_per_type} --followup --write-card --card-notes NOTES.md   # this file
+python -m tgvkv.demo.evaluate --model assets/demo-vlm --split test --n {n_per_type} --followup --write-card --card-notes docs/demo-model-card-notes.md --eviction-results results/demo   # this file
 ```
 Training is deterministic for a seed (data from the seed and the step; `torch.manual_seed`); wall-clock time and
 floating-point summation order on other machines can change the last digits.
@@ -315,23 +315,15 @@ def write_model_card(model_dir: str, res: dict, notes: str = "", eviction_result
     with open(os.path.join(model_dir, "training_state.json")) as f:
         state = json.load(f)
     spec = {**ModelSpec().to_dict(), **state.get("model_spec", {})}
-    cfg = state.get("train_config", {})
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
     size = os.path.getsize(os.path.join(model_dir, "model.safetensors"))
     with open(os.path.join(model_dir, "tokenizer.json")) as f:
         vocab = len(json.load(f)["model"]["vocab"])
-    defaults = None
-    try:
-        from .train import TrainConfig
+    from .train import TrainConfig, stages_of
 
-        defaults = TrainConfig().__dict__
-    except ImportError:  # pragma: no cover
-        pass
-    stages = list(state.get("previous_stages", [])) + [
-        {"train_config": cfg, "step": state.get("step"), "minutes": state.get("minutes", 0),
-         "last_validation": state["curve"][-1] if state.get("curve") else {}}
-    ]
+    defaults = TrainConfig().__dict__
+    stages = stages_of(state)
     summary = "\n".join(
         f"{k + 1}. " + _stage_summary(st) for k, st in enumerate(stages)
     ) + (
@@ -341,7 +333,7 @@ def write_model_card(model_dir: str, res: dict, notes: str = "", eviction_result
     )
     train_args = "\n".join(
         ("python -m tgvkv.demo.train --out assets/demo-vlm " + " ".join(f"--{k.replace('_', '-')} {_shell(v)}" for k, v in st["train_config"].items()
-                   if k != "out" and defaults is not None and k in defaults and defaults.get(k) != v)).strip()
+                   if k != "out" and k in defaults and defaults[k] != v)).strip()
         for st in stages
     )
     text = CARD_TEMPLATE.format(

@@ -62,6 +62,12 @@ class TrainConfig:
     pos_init: str = "sincos"  # initial CLIP patch position embeddings: "sincos" (2-D, row/column) or "random"
     pos_scale: float = 0.1  # amplitude of the 2-D sin-cos initialisation
 
+    def __post_init__(self) -> None:  # checked here, not at the first decayed step of a long run
+        if self.schedule not in ("steps", "time"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected 'steps' or 'time'")
+        if self.schedule == "time" and self.max_minutes <= 0:
+            raise ValueError("schedule='time' needs max_minutes > 0")
+
 
 # ---------------------------------------------------------------------------------------------------
 # Token sequences (identical to what the chat template + processor produce; checked in tests)
@@ -306,17 +312,21 @@ def init_2d_positions(model, scale: float) -> None:
         emb[1:, : code.shape[1]] = scale * code
 
 
+def stages_of(state: dict) -> list[dict]:
+    """All training stages of a checkpoint's ``training_state.json`` content: its earlier stages, then its own."""
+    curve = state.get("curve", [])
+    own = {"train_config": state.get("train_config", {}), "step": state.get("step"), "minutes": state.get("minutes"),
+           "last_validation": curve[-1] if curve else {}, "curve": curve}
+    return list(state.get("previous_stages", [])) + [own]
+
+
 def _previous_stages(folder: str) -> list[dict]:
     """The training history of a checkpoint we continue from (its own earlier stages, then itself)."""
     path = os.path.join(folder, "training_state.json")
     if not os.path.exists(path):
         return [{"train_config": {"init_from": folder}, "note": "no training_state.json in the folder"}]
     with open(path) as f:
-        state = json.load(f)
-    last = state["curve"][-1] if state.get("curve") else {}
-    own = {"train_config": state.get("train_config", {}), "step": state.get("step"), "minutes": state.get("minutes"),
-           "last_validation": last, "curve": state.get("curve", [])}
-    return list(state.get("previous_stages", [])) + [own]
+        return stages_of(json.load(f))
 
 
 def full_curve(folder: str) -> list[dict]:
@@ -324,7 +334,7 @@ def full_curve(folder: str) -> list[dict]:
     with open(os.path.join(folder, "training_state.json")) as f:
         state = json.load(f)
     rows, offset = [], 0
-    for stage in list(state.get("previous_stages", [])) + [{"curve": state.get("curve", []), "step": state.get("step")}]:
+    for stage in stages_of(state):
         for r in stage.get("curve", []):
             rows.append({**r, "step": r["step"] + offset})
         offset += stage.get("step") or 0
@@ -341,11 +351,7 @@ def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = step / max(1, cfg.steps)
     if cfg.schedule == "time":
-        if cfg.max_minutes <= 0:
-            raise ValueError("schedule='time' needs max_minutes > 0")
         progress = max(progress, elapsed_s / (cfg.max_minutes * 60))
-    elif cfg.schedule != "steps":
-        raise ValueError(f"unknown schedule {cfg.schedule!r}; expected 'steps' or 'time'")
     decay_start = 1 - cfg.decay_frac
     if progress < decay_start:
         return cfg.lr
@@ -461,7 +467,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = TrainConfig(**{k: args[k] for k in TrainConfig().__dict__})
     spec = ModelSpec(**{k: args[k] for k in ModelSpec().to_dict()})
-    res = train(cfg, spec)
+    train(cfg, spec)
     if not args["no_plot"]:
         from .evaluate import plot_curve
 

@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -166,11 +166,15 @@ def rank_files(out: Path) -> list[Path]:
     return sorted(out.glob("rows.rank*.jsonl"))
 
 
+def row_files(out: Path) -> list[Path]:
+    """Where rows may lie, in the order they are read: the merged file, its gzip copy, then the rank files."""
+    return [out / ROWS, out / (ROWS + ".gz"), *rank_files(out)]
+
+
 def load_all_rows(out: Path) -> dict[tuple, dict]:
-    """Every complete row in the folder (merged file, or its gzip copy, first, then rank files); the first copy of a
-    key wins."""
+    """Every complete row in the folder (:func:`row_files` order); the first copy of a key wins."""
     rows: dict[tuple, dict] = {}
-    for path in [out / ROWS, out / (ROWS + ".gz"), *rank_files(out)]:
+    for path in row_files(out):
         for r in read_rows(path):
             rows.setdefault(row_key(r), r)
     return rows
@@ -249,7 +253,7 @@ def check_identity(out: Path, ident: dict[str, Any], write: bool) -> None:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {ident.get(k)!r}" for k in diff)
             raise ValueError(f"{out} holds results of another configuration ({details}); use another --out, "
                              "or --overwrite to discard them")
-    elif any(p.exists() for p in [out / ROWS, out / (ROWS + ".gz"), *rank_files(out)]):
+    elif any(p.exists() for p in row_files(out)):
         raise ValueError(f"{out} holds result rows but no {RUN_FILE}, so they cannot be matched to this configuration; "
                          "use another --out, or --overwrite to discard them")
     elif write:
@@ -257,8 +261,8 @@ def check_identity(out: Path, ident: dict[str, Any], write: bool) -> None:
 
 
 def clear_results(out: Path) -> None:
-    for p in [out / ROWS, out / (ROWS + ".gz"), out / RUN_FILE, out / SUMMARY_CSV, out / SUMMARY_JSON, out / f"{PLOT_STEM}.png",
-              out / f"{PLOT_STEM}.html", *rank_files(out)]:
+    for p in [*row_files(out), out / RUN_FILE, out / SUMMARY_CSV, out / SUMMARY_JSON, out / f"{PLOT_STEM}.png",
+              out / f"{PLOT_STEM}.html"]:
         if p.exists():
             p.unlink()
 
