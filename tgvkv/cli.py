@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         check_keep_ratio(args.keep)
         images = [load_image_file(p) for p in args.image]
         model_name = args.model or str(DEMO_MODEL_DIR)
-        model, processor = load_model(model_name, LoadOptions(args.device, args.dtype, trust_remote_code=args.trust_remote_code))
+        load_options = LoadOptions(args.device, args.dtype, trust_remote_code=args.trust_remote_code)
+        model, processor = load_model(model_name, load_options)
         cmp = compare(  # a demo-model question with words it does not know is refused here, before any generation
             model, processor, images, args.question, args.method, args.keep,
             options=options, capture=CaptureOptions(), model_name=model_name,

@@ -505,7 +505,8 @@ def run(cfg: EvalConfig, summary_only: bool = False, overwrite: bool = False) ->
                 f.flush()
                 os.fsync(f.fileno())
                 if i == timed and len(todo) > 2:
-                    _log(f"rank {rank}: {estimate_message(time.perf_counter() - t0, len(todo) - i - 1)}")
+                    estimate = estimate_message(time.perf_counter() - t0, len(todo) - i - 1)
+                    bar.write(f"[tgvkv.eval] rank {rank}: {estimate}", file=sys.stderr)
                 bar.update(1)
         bar.close()
     if not main:
@@ -570,6 +571,9 @@ def _wait_for_rows(out: Path, expected: set[tuple], poll_s: float) -> None:
 class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
+
+    def write(self, line: str, file: Any = None) -> None:
+        print(line, file=file or sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
