@@ -109,3 +109,24 @@ def test_example_click_budget_change_and_download(page, tmp_path, artifacts_dir)
     assert trace.output_text == answer_text(page, "evicted") == ref50.evicted.output_text
     assert trace.keep_ratio == pytest.approx(0.5) and trace.method == "tgv-kv"
     np.testing.assert_array_equal(trace.kept_mask, ref50.evicted.kept_mask)
+
+
+def test_unknown_word_message_is_shown(page, artifacts_dir):
+    """A question with a word the demo model does not know: a visible message names it (no run, no traceback)."""
+    from transformers import AutoProcessor
+
+    from tgvkv.loading import DEMO_MODEL_DIR
+    from tgvkv.vocabulary import check_known_words
+    from tgvkv.webapp.examples import EXAMPLES_DIR, README_SCENE
+
+    question = "what colour is the circle ?"
+    with pytest.raises(ValueError) as expected:
+        check_known_words(question, AutoProcessor.from_pretrained(DEMO_MODEL_DIR))
+    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES_DIR / README_SCENE))
+    page.locator("#question textarea").fill(question)
+    page.locator("#run").click()
+    shown = page.get_by_text("'colour' is not one of them; did you mean 'color'?").first
+    shown.wait_for()
+    assert str(expected.value) in shown.inner_text()
+    assert "Traceback" not in page.content()
+    page.screenshot(path=str(artifacts_dir / "app_unknown_word.png"))

@@ -1,6 +1,7 @@
 """Refresh the committed pictures the app's tests make, from a source checkout:
 
-    python -m tgvkv.webapp.refresh_figures            # -> results/app_screenshot.png, app_explain.png, load_test.json
+    python -m tgvkv.webapp.refresh_figures   # -> results/app_screenshot.png, app_explain.png, app_unknown_word.png,
+                                             #    load_test.json
 
 The test suite writes these into a temporary folder (it never touches the repository); this command runs the same
 browser and load tests with ``--artifacts-dir results`` so README.md, docs/app.md and docs/reliability.md show
@@ -17,7 +18,7 @@ from ..loading import REPO_ROOT
 
 #: the tests that make the committed pictures and figures, and what each one writes
 TESTS = {
-    "tests/test_app_browser.py": ("app_screenshot.png", "app_explain.png"),
+    "tests/test_app_browser.py": ("app_screenshot.png", "app_explain.png", "app_unknown_word.png"),
     "tests/test_reliability_load.py": ("load_test.json",),
 }
 
