@@ -7,8 +7,8 @@ import pytest
 from tgvkv.eval import runner
 
 
-@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (89.6, "90 s"), (90, "2 min"), (3599, "1 h 00 min"), (3500, "58 min"),
-                                           (3600, "1 h 00 min"), (11_100, "3 h 05 min")])
+@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (89.6, "90 s"), (90, "2 min"), (3500, "58 min"),
+                                           (3599, "1 h 00 min"), (3600, "1 h 00 min"), (11_100, "3 h 05 min")])
 def test_format_duration(seconds, text):
     assert runner.format_duration(seconds) == text
 
