@@ -20,7 +20,7 @@ import gradio as gr  # noqa: E402
 
 from tgvkv.webapp import models  # noqa: E402
 from tgvkv.webapp.components import ImageInput  # noqa: E402
-from tgvkv.webapp.examples import EXAMPLES_DIR, load_examples  # noqa: E402
+from tgvkv.webapp.examples import EXAMPLES_DIR, PHOTO_PANEL_LABEL, SCENE_PANEL_LABEL, load_examples  # noqa: E402
 from tgvkv.webapp.handlers import (  # noqa: E402
     DEFAULT_KEEP_PERCENT,
     DEFAULT_MAX_NEW_TOKENS,
@@ -90,10 +90,10 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
                 run_btn = gr.Button("Run full vs evicted", variant="primary", elem_id="run")
                 scene_rows = [[e.path.as_posix(), e.question, models.DEMO] for e in load_examples("scene")]
                 photo_rows = [[e.path.as_posix(), e.question] for e in load_examples("photo")]
-                scene_ex = gr.Examples(scene_rows, [image, question, model], label="Synthetic scenes (demo model)",
+                scene_ex = gr.Examples(scene_rows, [image, question, model], label=SCENE_PANEL_LABEL,
                                        example_labels=[r[1] for r in scene_rows], visible_columns=[0, 1],
                                        cache_examples=False, examples_per_page=8, elem_id="scene-examples")
-                photo_ex = gr.Examples(photo_rows, [image, question], label="Photos (for hub models)",
+                photo_ex = gr.Examples(photo_rows, [image, question], label=PHOTO_PANEL_LABEL,
                                        example_labels=[r[1] for r in photo_rows], cache_examples=False,
                                        elem_id="photo-examples")
             with gr.Column(scale=6, min_width=480):

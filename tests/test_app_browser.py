@@ -1,11 +1,11 @@
 """End-to-end in headless Debian Chromium (Playwright for Python, no browser download): example click -> both answers
-and the overlay; a new budget updates the evicted side; the trace downloads and loads. Saves a screenshot.
+and the overlay; a new budget updates the evicted side; the trace downloads and loads. Saves screenshots into the
+artifacts_dir fixture (a temporary folder; `python -m tgvkv.webapp.refresh_figures` refreshes the committed ones).
 
 Uses the bundled demo model; a missing assets/demo-vlm is a failure, not a skip.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +22,6 @@ pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "results"
 TIMEOUT_MS = 60_000
 
 
@@ -60,7 +59,7 @@ def wait_idle(page) -> None:
                            ".every(e => e.classList.contains('hide'))")
 
 
-def test_example_click_budget_change_and_download(page, tmp_path):
+def test_example_click_budget_change_and_download(page, tmp_path, artifacts_dir):
     ex = load_examples("scene")[0]
     ref10 = H.run_comparison(Image.open(ex.path), ex.question, M.DEMO, "tgv-kv", 10, 32)
     ref50 = H.run_comparison(Image.open(ex.path), ex.question, M.DEMO, "tgv-kv", 50, 32)
@@ -76,8 +75,7 @@ def test_example_click_budget_change_and_download(page, tmp_path):
     assert size == [480, 480]
     assert "What to notice" in page.locator("#overlay-caption").inner_text()
     assert "KV bytes after prefill" in page.locator("#metrics").inner_text()
-    SCREENSHOTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "app_screenshot.png"), full_page=True)
+    page.screenshot(path=str(artifacts_dir / "app_screenshot.png"), full_page=True)
 
     # 2. a new budget updates the evicted side (no click needed)
     box = page.locator("#keep input[type=number]")
@@ -95,7 +93,7 @@ def test_example_click_budget_change_and_download(page, tmp_path):
     page.get_by_role("tab", name="Explain").click()
     page.wait_for_selector("text=Step 1 · TVB")
     wait_idle(page)
-    page.screenshot(path=str(SCREENSHOTS / "app_explain.png"), full_page=True)
+    page.screenshot(path=str(artifacts_dir / "app_explain.png"), full_page=True)
 
     # 4. export and download the trace; it loads and equals the shown run
     page.get_by_role("tab", name="Export").click()
@@ -111,3 +109,24 @@ def test_example_click_budget_change_and_download(page, tmp_path):
     assert trace.output_text == answer_text(page, "evicted") == ref50.evicted.output_text
     assert trace.keep_ratio == pytest.approx(0.5) and trace.method == "tgv-kv"
     np.testing.assert_array_equal(trace.kept_mask, ref50.evicted.kept_mask)
+
+
+def test_unknown_word_message_is_shown(page, artifacts_dir):
+    """A question with a word the demo model does not know: a visible message names it (no run, no traceback)."""
+    from transformers import AutoProcessor
+
+    from tgvkv.loading import DEMO_MODEL_DIR
+    from tgvkv.vocabulary import check_known_words
+    from tgvkv.webapp.examples import EXAMPLES_DIR, README_SCENE
+
+    question = "what colour is the circle ?"
+    with pytest.raises(ValueError) as expected:
+        check_known_words(question, AutoProcessor.from_pretrained(DEMO_MODEL_DIR))
+    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES_DIR / README_SCENE))
+    page.locator("#question textarea").fill(question)
+    page.locator("#run").click()
+    shown = page.get_by_text("'colour' is not one of them; did you mean 'color'?").first
+    shown.wait_for()
+    assert str(expected.value) in shown.inner_text()
+    assert "Traceback" not in page.content()
+    page.screenshot(path=str(artifacts_dir / "app_unknown_word.png"))

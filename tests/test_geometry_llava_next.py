@@ -207,7 +207,9 @@ def test_overlay_masks_for_a_non_square_image(next_model):
     m = layout.token_map
     base, tiles = layout.views
     # keep: base cell (1, 2), tiles cells (0, 0) and (5, 7), and a newline (ignored)
-    pick = lambda v, r, c: int(m.positions[(m.view_index == v) & (m.row == r) & (m.col == c)][0])
+    def pick(v, r, c):
+        return int(m.positions[(m.view_index == v) & (m.row == r) & (m.col == c)][0])
+
     newline = int(m.positions[m.view_index == -1][0])
     grids = kept_grids(layout, [pick(0, 1, 2), pick(1, 0, 0), pick(1, 5, 7), newline, 0])
     assert grids[0].shape == (4, 4) and grids[1].shape == (6, 8)

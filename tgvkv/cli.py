@@ -15,7 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tgvkv", description="TGV-KV Explorer: KV eviction for VLMs")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer one image+question with full KV and with an eviction policy")
-    run.add_argument("--model", default="assets/demo-vlm", help="local folder or hub id (default: bundled demo model)")
+    run.add_argument("--model", default=None, help="local folder or hub id (default: the bundled demo model)")
     run.add_argument("--image", required=True, action="append", help="image file (repeat for several images)")
     run.add_argument("--question", required=True)
     run.add_argument("--method", default="tgv-kv", help="eviction policy (see `python -m tgvkv methods`)")
@@ -71,6 +71,7 @@ def _print_text(s: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from . import POLICIES, CaptureOptions, LoadOptions, RunOptions, compare, load_model
+    from .loading import DEMO_MODEL_DIR
 
     if args.command == "methods":
         for name, cls in sorted(POLICIES.items()):
@@ -86,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         make_policy(args.method)
         check_keep_ratio(args.keep)
         images = [load_image_file(p) for p in args.image]
-        model, processor = load_model(args.model, LoadOptions(args.device, args.dtype, trust_remote_code=args.trust_remote_code))
-        cmp = compare(
+        model_name = args.model or str(DEMO_MODEL_DIR)
+        load_options = LoadOptions(args.device, args.dtype, trust_remote_code=args.trust_remote_code)
+        model, processor = load_model(model_name, load_options)
+        cmp = compare(  # a demo-model question with words it does not know is refused here, before any generation
             model, processor, images, args.question, args.method, args.keep,
-            options=options, capture=CaptureOptions(), model_name=args.model,
+            options=options, capture=CaptureOptions(), model_name=model_name,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,7 +11,18 @@ from . import hf_compat
 from .validation import check_model_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_MODEL_DIR = REPO_ROOT / "assets" / "demo-vlm"
+
+
+def _assets_dir() -> Path:
+    """The demo model and example inputs: `tgvkv/assets/` inside an installed package (pyproject.toml ships the
+    repository's assets/ folder there), else `assets/` of the source checkout this package is imported from
+    (running from the repository, or after `pip install -e .`)."""
+    installed = Path(__file__).resolve().parent / "assets"
+    return installed if installed.is_dir() else REPO_ROOT / "assets"
+
+
+ASSETS_DIR = _assets_dir()
+DEMO_MODEL_DIR = ASSETS_DIR / "demo-vlm"
 
 
 @dataclass(frozen=True)

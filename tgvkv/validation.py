@@ -8,7 +8,8 @@ in Unicode category Cc except tab, newline and carriage return, or a lone surrog
 model's special tokens typed in as text (``<image>``, ``<|image_pad|>``, ``<start_of_image>``, ``</s>``...) are
 *refused*, never silently rewritten: a typed-in image placeholder would make the processor expect an image that was
 not given (or splice text into the vision span), and stripping characters would answer a different question than
-the one shown in the run card.
+the one shown in the run card. With a processor whose tokenizer has a closed word-level vocabulary (the bundled demo
+model), words outside it are refused with the list of words it knows (``tgvkv.vocabulary``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import re
 import unicodedata
 from pathlib import Path
 from typing import Any
+
+from .vocabulary import check_known_words
 
 MAX_QUESTION_CHARS = 2000
 ALLOWED_CONTROL = frozenset("\t\n\r")
@@ -72,6 +75,7 @@ def validate_question(text: Any, processor: Any = None, *, max_chars: int = MAX_
                     f"the {what} contains {token!r}, a special token of this model; remove it "
                     "(images are attached separately, not typed in)"
                 )
+        check_known_words(text, processor, what)  # closed-vocabulary (demo) models: name the words they do not know
     return text
 
 

@@ -15,16 +15,19 @@ from PIL import Image
 
 from .prefill import LMShape
 
-QUESTIONS = ["what colour is the circle ?", "where is the red square ?", "how many objects are there ?",
+# words of the demo vocabulary only (the demo tokenizer refuses others: tgvkv.vocabulary)
+QUESTIONS = ["what color is the circle ?", "where is the red square ?", "how many objects are there ?",
              "what shape is at the top left ?", "describe the image .", "is there a blue triangle ?",
-             "what is the colour at the center ?", "where is the green circle ?"]
+             "what is the color at the center ?", "where is the green circle ?"]
 
 
 def demo_model(dtype=torch.float32, device="cpu"):
     """(model, processor, name): the trained demo VLM from assets/demo-vlm if present, else the same config, random."""
     from ..demo import build
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets", "demo-vlm")
+    from ..loading import DEMO_MODEL_DIR
+
+    path = str(DEMO_MODEL_DIR)
     if os.path.exists(os.path.join(path, "config.json")):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 

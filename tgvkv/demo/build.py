@@ -80,6 +80,7 @@ def build_tokenizer():
         model_max_length=1024,
         padding_side="left",
         clean_up_tokenization_spaces=False,
+        known_words=scenes.task_words(),  # saved in tokenizer_config.json; tgvkv.vocabulary names the other words
     )
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return fast

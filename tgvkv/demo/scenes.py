@@ -356,3 +356,13 @@ def vocabulary() -> list[str]:
         if w not in seen:
             seen.append(w)
     return seen
+
+
+#: vocabulary entries that no prompt, question or answer of the task uses: a model trained on the task never saw them
+#: ("colour": the British spelling, never asked; "zero": every scene has at least one object)
+UNUSED_WORDS = frozenset({"colour", "zero"})
+
+
+def task_words() -> list[str]:
+    """The words a model trained on this task knows: :func:`vocabulary` without :data:`UNUSED_WORDS`."""
+    return [w for w in vocabulary() if w not in UNUSED_WORDS]

@@ -487,7 +487,7 @@ def run(cfg: EvalConfig, summary_only: bool = False, overwrite: bool = False) ->
     n_units = len(examples) * (1 + len(methods) * len(keeps) * len(protocols))
     if main:
         _log(f"{len(examples)} examples x ({len(methods)} methods x {len(keeps)} budgets x {len(protocols)} protocols "
-             f"+ full KV) = {n_units} runs; {world} process(es)")
+             f"+ full KV) = {n_units:,} runs planned; {world} process(es)")
     if todo and not summary_only:
         _log(f"rank {rank}: {len(todo)} runs to do ({len(mine) * (1 + len(methods) * len(keeps) * len(protocols)) - len(todo)} already on disk)")
         dev = cfg.device if cfg.device else (str(device) if device is not None and not cfg.device_map else None)
@@ -496,12 +496,17 @@ def run(cfg: EvalConfig, summary_only: bool = False, overwrite: bool = False) ->
         path = out / f"rows.rank{rank}.jsonl"
         _repair_tail(path)
         bar = _progress(len(todo), cfg.progress, rank, world)
+        timed = min(1, len(todo) - 1)  # the second run: the first one also pays for warm-up (kernels, caches)
         with open(path, "a", encoding="utf-8") as f:
-            for ex, method, keep, protocol in todo:
+            for i, (ex, method, keep, protocol) in enumerate(todo):
+                t0 = time.perf_counter()
                 rows = compute_unit(model, processor, task, ex, method, keep, protocol, cfg)
                 f.write("".join(dumps_row(r) + "\n" for r in rows))
                 f.flush()
                 os.fsync(f.fileno())
+                if i == timed and len(todo) > 2:
+                    estimate = estimate_message(time.perf_counter() - t0, len(todo) - i - 1)
+                    bar.write(f"[tgvkv.eval] rank {rank}: {estimate}", file=sys.stderr)
                 bar.update(1)
         bar.close()
     if not main:
@@ -530,6 +535,20 @@ def run(cfg: EvalConfig, summary_only: bool = False, overwrite: bool = False) ->
     return table
 
 
+def format_duration(seconds: float) -> str:
+    """'40 s', '12 min', '3 h 05 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def estimate_message(seconds_per_run: float, runs_left: int) -> str:
+    """The time estimate printed once the second run is done (measured, not a constant)."""
+    return (f"one run took {seconds_per_run:.2f} s here: about {format_duration(seconds_per_run * runs_left)} "
+            f"for the {runs_left:,} runs left (estimate)")
+
+
 def _title(cfg: EvalConfig, n: int) -> str:
     name = Path(cfg.model).name if Path(cfg.model).exists() else cfg.model
     return f"{name} on {cfg.task if cfg.task == 'demo' else Path(cfg.task).name} (n={n})"
@@ -552,6 +571,9 @@ def _wait_for_rows(out: Path, expected: set[tuple], poll_s: float) -> None:
 class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
+
+    def write(self, line: str, file: Any = None) -> None:
+        print(line, file=file or sys.stderr, flush=True)
 
     def close(self) -> None:
         pass

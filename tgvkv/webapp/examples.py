@@ -13,12 +13,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..loading import REPO_ROOT
+from ..loading import ASSETS_DIR
 
 log = logging.getLogger(__name__)
 
-EXAMPLES_DIR = REPO_ROOT / "assets" / "examples"
+EXAMPLES_DIR = ASSETS_DIR / "examples"
 INDEX = EXAMPLES_DIR / "examples.json"
+#: the app's titles of the two example panels: photos ask about things the demo model has no words for
+SCENE_PANEL_LABEL = "Synthetic scenes (demo model)"
+PHOTO_PANEL_LABEL = "Photos: needs a real VLM (choose a hub model; the demo model only knows the scenes' words)"
 #: test-split scenes (disjoint from training) covering every question type
 SCENE_SEEDS_PER_TYPE = 1
 PHOTO_MAX_SIDE = 384
@@ -60,6 +63,21 @@ def build_scene_examples(n: int = 7) -> list[Example]:
     return rows
 
 
+#: the scene README.md's snippets use: the first test-split scene with three objects, one of them a circle
+README_SCENE = "demo_scene.png"
+README_QUESTION = "what color is the circle ?"
+
+
+def build_readme_scene() -> Path:
+    """Render README.md's example scene into assets/examples/ (the model never saw it: test split)."""
+    from ..demo import scenes
+
+    scene = next(s for s in scenes.scenes("test") if len(s.objects) == 3 and s.find(shape="circle"))
+    path = EXAMPLES_DIR / README_SCENE
+    scene.render().save(path, optimize=True)
+    return path
+
+
 #: (output name, source finder, question, licence line for README)
 PHOTOS = (
     ("photos/flower.jpg", "sklearn:flower.jpg", "What colour is the flower?"),
@@ -95,6 +113,7 @@ def build_photo_examples() -> list[Example]:
 def build_all() -> list[Example]:
     rows = build_scene_examples() + build_photo_examples()
     INDEX.write_text(json.dumps([vars(r) for r in rows], indent=1) + "\n")
+    build_readme_scene()
     return rows
 
 
