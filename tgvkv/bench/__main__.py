@@ -4,6 +4,7 @@
     python -m tgvkv.bench decode --model synth --batches 1 4 16      # tokens/s, KV bytes, bandwidth bound
     python -m tgvkv.bench e2e --model demo                           # time to answer, full vs evicted
     python -m tgvkv.bench bound                                      # the bound for the LLaVA-1.5-7B example
+    python -m tgvkv.bench train --threads 2                          # demo VLM training: fp32 vs bf16 steps/min
     python -m tgvkv.bench report                                     # tables + target checks from the files
     python -m tgvkv.bench all                                        # the CPU suite + plot + report (results/bench)
     python -m tgvkv.bench gpu                                        # 7B-shaped LLaVA-NeXT fp16 on CUDA
@@ -102,6 +103,13 @@ def cmd_e2e(args) -> None:
     model, proc, name, size = _model(args, args.device, getattr(torch, args.dtype))
     rows = e2e.run(model, proc, name, args.methods, args.keeps, size, args.new_tokens, args.reps, log.info)
     write(Path(args.out), args.name or f"e2e_{args.model}", rows, what=e2e.__doc__, model=name)
+
+
+def cmd_train(args) -> None:
+    from . import train_speed
+
+    rows = train_speed.run(args.sizes, args.threads, args.steps, args.rounds, log.info)
+    write(Path(args.out), args.name or "train_speed", rows, what=train_speed.__doc__)
 
 
 def cmd_bound(args) -> None:
@@ -234,6 +242,15 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--keep", type=float, default=0.05)
     p.set_defaults(fn=cmd_bound)
+
+    p = sub.add_parser("train", help="demo VLM training steps/min, float32 against bf16 autocast")
+    common(p, device=False)
+    from .train_speed import SIZES
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="batches per round (the first round is warm-up)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("plot")
     common(p, device=False)

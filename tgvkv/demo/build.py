@@ -37,17 +37,18 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Sizes of the demo VLM (defaults: the shipped model)."""
+    """Sizes of the demo VLM (defaults: v2, 8.3M parameters; v1 was vision 128 x 2 layers (MLP 256), text
+    192 x 4 layers (MLP 512)). Width 256 because CPU bf16 (AMX) training pays from there (docs/demo-model.md)."""
 
-    vision_hidden: int = 128
-    vision_layers: int = 2
+    vision_hidden: int = 192
+    vision_layers: int = 4
     vision_heads: int = 4
-    vision_intermediate: int = 256
-    text_hidden: int = 192
-    text_layers: int = 4
+    vision_intermediate: int = 768
+    text_hidden: int = 256
+    text_layers: int = 8
     text_heads: int = 4
     text_kv_heads: int = 2
-    text_intermediate: int = 512
+    text_intermediate: int = 768
 
     def to_dict(self) -> dict:
         return asdict(self)

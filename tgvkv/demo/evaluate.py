@@ -95,9 +95,49 @@ def run_answers_batched(model, processor, qas, followup: bool = False, batch_siz
     return list(zip(firsts, seconds))
 
 
-def balanced_dataset(split: str, n_per_type: int) -> list[scenes.QA]:
-    """``n_per_type`` questions of every type (types in rotation over the split's scenes)."""
-    return scenes.dataset(split, n_per_type * len(scenes.QUESTION_TYPES))
+def balanced_dataset(split: str, n_per_type: int, style: str = "sentence") -> list[scenes.QA]:
+    """``n_per_type`` questions of every type (types in rotation over the split's scenes), in one answer style."""
+    return scenes.dataset(split, n_per_type * len(scenes.QUESTION_TYPES), style=style)
+
+
+def evaluate_styles(model, processor, split: str, n_per_type: int, styles=scenes.ANSWER_STYLES, followup: bool = True,
+                    batch_size: int = 32) -> dict:
+    """:func:`evaluate` once per answer style on the same scenes and questions: ``{"styles": {style: result}}``."""
+    out = {"split": split, "n_per_type": n_per_type, "styles": {}}
+    for style in styles:
+        qas = balanced_dataset(split, n_per_type, style)
+        out["styles"][style] = evaluate(model, processor, qas, followup=followup, batch_size=batch_size)
+        log.info("%s: overall %.4f", style, out["styles"][style]["overall"])
+    out["seconds"] = round(sum(r["seconds"] for r in out["styles"].values()), 1)
+    return out
+
+
+def format_style_table(results: dict[str, dict], columns: dict[str, str] | None = None) -> str:
+    """One markdown table, a column per (label -> style result); rows: question types, overall, follow-ups.
+
+    ``results`` maps a column label (e.g. "v2 sentence") to one :func:`evaluate` result.
+    """
+    labels = list(results)
+    first = results[labels[0]]
+    lines = ["| question type | n | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+
+    def cell(r: dict, key: str, t: str | None) -> str:
+        if t is None:
+            return f"**{100 * r[key]:.1f}**" if key in r else "n/a"
+        block = r.get(key, {}).get(t)
+        return f"{100 * block['accuracy']:.1f}" if block else "n/a"
+
+    for t, blk in first["per_type"].items():
+        lines.append(f"| {t} | {blk['n']} | " + " | ".join(cell(results[x], "per_type", t) for x in labels) + " |")
+    lines.append(f"| **overall** | {first['n']} | " + " | ".join(cell(results[x], "overall", None) for x in labels) + " |")
+    if "followup_per_type" in first:
+        for t, blk in first["followup_per_type"].items():
+            lines.append(f"| follow-up: {t} | {blk['n']} | "
+                         + " | ".join(cell(results[x], "followup_per_type", t) for x in labels) + " |")
+        n = sum(b["n"] for b in first["followup_per_type"].values())
+        lines.append(f"| **follow-up overall** | {n} | "
+                     + " | ".join(cell(results[x], "followup_overall", None) for x in labels) + " |")
+    return "\n".join(lines)
 
 
 def evaluate(model, processor, qas, followup: bool = False, answer_fn: Callable | None = None, batch_size: int = 32) -> dict:
@@ -197,6 +237,10 @@ model = AutoModelForImageTextToText.from_pretrained("assets/demo-vlm")
   cell (exactly 2x2 ViT patches), colours {colors}; shapes and colours are distinct within a scene.
 - Question types (answers are sentences whose informative words come after the first token):
 {qtypes}
+- Two answer styles, as real VLMs are prompted: the sentences above, and short answers when the question ends with
+  the benchmark suffix "{suffix}" (`what color is the circle ? {suffix}` → `red`; positions, objects and
+  the describe list stay phrases: `top left`, `red circle`, `red circle , blue square and green triangle`;
+  `exists` → `yes` / `no`).
 - Every QA also has a follow-up question about a different region of the same image (second turn).
 - Splits: disjoint seed ranges, and object layouts partitioned by a hash (no test layout is seen in training).
   `check_answer` recomputes every answer from the scene's objects.
@@ -223,7 +267,7 @@ which equals greedy exact match.)
 ## Reproduce
 ```bash
 {train_args}
-python -m tgvkv.demo.evaluate --model assets/demo-vlm --split test --n {n_per_type} --followup
+python -m tgvkv.demo.evaluate --model assets/demo-vlm --split fresh --n {n_per_type} --followup --json /tmp/eval_fresh.json
 python -m tgvkv.demo.evaluate --model assets/demo-vlm --split test --n {n_per_type} --followup --write-card --card-notes docs/demo-model-card-notes.md --eviction-results results/demo   # this file
 ```
 Training is deterministic for a seed (data from the seed and the step; `torch.manual_seed`); wall-clock time and
@@ -338,6 +382,7 @@ def write_model_card(model_dir: str, res: dict, notes: str = "", eviction_result
     )
     text = CARD_TEMPLATE.format(
         shapes="/".join(scenes.SHAPES),
+        suffix=scenes.SHORT_SUFFIX,
         colors=", ".join(scenes.COLORS),
         qtypes="\n".join(f"  - {QTYPE_DOC[t]}" for t in scenes.QUESTION_TYPES),
         n_params=state.get("n_params", 0),
@@ -346,7 +391,7 @@ def write_model_card(model_dir: str, res: dict, notes: str = "", eviction_result
         eos=config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id")),
         split=res.get("split", "test"),
         n_per_type=res.get("n_per_type", 0),
-        table=format_table(res),
+        table=format_style_table(res["styles"]) if "styles" in res else format_table(res),
         eval_seconds=res.get("seconds", 0),
         train_summary=summary,
         train_args=train_args,
@@ -368,7 +413,10 @@ def write_model_card(model_dir: str, res: dict, notes: str = "", eviction_result
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ap.add_argument("--split", default="test", choices=["train", "val", "test", "fresh"],
+                    help="'fresh': a seed range no split draws from (test-split layouts)")
+    ap.add_argument("--styles", default=",".join(scenes.ANSWER_STYLES),
+                    help="answer styles to evaluate, comma-separated (sentence, short)")
     ap.add_argument("--n", type=int, default=300, help="questions per question type")
     ap.add_argument("--followup", action="store_true", help="also ask each QA's follow-up as a second turn")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -384,11 +432,15 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    styles = [x.strip() for x in args.styles.split(",") if x.strip()]
+    unknown = [x for x in styles if x not in scenes.ANSWER_STYLES]
+    if unknown or not styles:
+        ap.error(f"--styles: unknown style(s) {unknown}; choose from {', '.join(scenes.ANSWER_STYLES)}")
     model, processor = load(args.model)
-    qas = balanced_dataset(args.split, args.n)
-    res = evaluate(model, processor, qas, followup=args.followup, batch_size=args.batch_size)
-    res.update({"model": os.path.abspath(args.model), "split": args.split, "n_per_type": args.n, "method": "full KV, greedy"})
-    print(format_table(res))
+    res = evaluate_styles(model, processor, args.split, args.n, styles, followup=args.followup,
+                          batch_size=args.batch_size)
+    res.update({"model": os.path.abspath(args.model), "method": "full KV, greedy"})
+    print(format_style_table(res["styles"]))
     path = args.json or os.path.join(args.model, f"eval_{args.split}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)

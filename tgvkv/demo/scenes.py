@@ -49,10 +49,19 @@ NUMBER_WORDS = ("zero", "one", "two", "three")
 QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "where", "position", "exists", "count", "describe")
 FOLLOWUP_TYPES: tuple[str, ...] = ("color", "shape", "where", "position", "exists")
 
+# Answer styles. "sentence": "the circle is red ." (informative words after the first token). "short": the
+# question ends with the benchmark suffix below and the answer is the informative part alone, as LLaVA-style
+# models answer VQA benchmarks: a word ("red", "circle", "yes", "two"), or the shortest phrase that can
+# answer (a position "top left", an object "red circle", an object list for "describe").
+ANSWER_STYLES: tuple[str, ...] = ("sentence", "short")
+SHORT_SUFFIX = "answer with a single word ."
+
 _SPLIT_SEEDS = {
     "train": range(0, 10_000_000),
     "val": range(10_000_000, 11_000_000),
     "test": range(20_000_000, 21_000_000),
+    # a second held-out range no other split draws from; its layouts are the test split's (hash bucket 0)
+    "fresh": range(30_000_000, 31_000_000),
 }
 _HELD_OUT_BUCKETS = 20  # layout hash mod 20: 0 -> test, 1 -> val, others -> train
 
@@ -148,12 +157,18 @@ class QA:
     target_cells: tuple[tuple[int, int], ...]
     followup_qtype: str | None = None
     followup_target_cells: tuple[tuple[int, int], ...] = ()
+    style: str = "sentence"  # answer style of the first question (see ANSWER_STYLES)
+    followup_style: str = "sentence"
 
 
 def layout_split(scene: Scene) -> str:
     """Which split a layout belongs to (a hash of :meth:`Scene.layout_key`)."""
     h = int.from_bytes(hashlib.sha256(scene.layout_key().encode()).digest()[:8], "big") % _HELD_OUT_BUCKETS
     return "test" if h == 0 else "val" if h == 1 else "train"
+
+
+def _layout_ok(scene: Scene, split: str) -> bool:
+    return layout_split(scene) == ("test" if split == "fresh" else split)
 
 
 def make_scene(seed: int, n_objects: int | None = None, repeat_shapes: bool = False) -> Scene:
@@ -191,7 +206,7 @@ def scenes(split: str, start: int = 0):
     """Iterate over the scenes of a split, in seed order, from the ``start``-th seed of its range."""
     for seed in split_seeds(split)[start:]:
         scene = make_scene(seed)
-        if layout_split(scene) == split:
+        if _layout_ok(scene, split):
             yield scene
 
 
@@ -215,6 +230,38 @@ def _describe(scene: Scene) -> str:
 def _count(scene: Scene) -> str:
     n = len(scene.objects)
     return "there is one object ." if n == 1 else f"there are {NUMBER_WORDS[n]} objects ."
+
+
+def _short_describe(scene: Scene) -> str:
+    parts = [f"{o.color} {o.shape}" for o in scene.objects]
+    return parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def short_answer(scene: Scene, qtype: str, question: str, answer: str) -> str:
+    """The short-style answer of a question whose sentence answer is ``answer``."""
+    q = normalise(question)
+    if qtype == "color":
+        return answer.split()[-2]  # "the circle is red ." -> "red"
+    if qtype == "shape":
+        return answer.split()[-2]  # "the red object is a circle ." -> "circle"
+    if qtype == "where":
+        return answer.split(" is at the ")[1].rstrip(" .")  # "... is at the top left ." -> "top left"
+    if qtype == "position":
+        return "nothing" if answer.startswith("there is nothing") else " ".join(answer.split()[3:5])
+    if qtype == "exists":
+        return "no" if answer.startswith("there is no ") else "yes"
+    if qtype == "count":
+        return NUMBER_WORDS[len(scene.objects)]
+    if qtype == "describe":
+        return _short_describe(scene)
+    raise ValueError(f"unknown question type {qtype!r} for question {q!r}")
+
+
+def styled(question: str, style: str) -> str:
+    """A question in an answer style: the short style appends :data:`SHORT_SUFFIX`."""
+    if style not in ANSWER_STYLES:
+        raise ValueError(f"unknown answer style {style!r}; expected one of {ANSWER_STYLES}")
+    return f"{question} {SHORT_SUFFIX}" if style == "short" else question
 
 
 def _ask(scene: Scene, qtype: str, rng: random.Random, avoid: frozenset[tuple[int, int]] = frozenset()):
@@ -260,27 +307,42 @@ def _ask(scene: Scene, qtype: str, rng: random.Random, avoid: frozenset[tuple[in
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 
-def make_qa(scene: Scene, qtype: str, rng_or_seed: random.Random | int, followup_type: str | None = None) -> QA:
+def make_qa(
+    scene: Scene,
+    qtype: str,
+    rng_or_seed: random.Random | int,
+    followup_type: str | None = None,
+    style: str = "sentence",
+    followup_style: str | None = None,
+) -> QA:
     """A question of type ``qtype`` about ``scene`` plus a follow-up about a different region.
 
     The follow-up type is drawn from :data:`FOLLOWUP_TYPES` unless given; its evidence avoids the first
-    question's target cells whenever the scene allows it.
+    question's target cells whenever the scene allows it. ``style`` is the first question's answer style,
+    ``followup_style`` the follow-up's (default: the same). The random draws do not depend on the styles, so
+    the two styles of a seed ask about the same objects.
     """
     rng = rng_or_seed if isinstance(rng_or_seed, random.Random) else random.Random(rng_or_seed)
+    followup_style = followup_style or style
     question, answer, cells = _ask(scene, qtype, rng)
     ftype = followup_type or rng.choice(FOLLOWUP_TYPES)
     fq, fa, fcells = _ask(scene, ftype, rng, avoid=frozenset(cells))
-    return QA(scene, qtype, question, answer, fq, fa, cells, ftype, fcells)
+    if style == "short":
+        answer = short_answer(scene, qtype, question, answer)
+    if followup_style == "short":
+        fa = short_answer(scene, ftype, fq, fa)
+    return QA(scene, qtype, styled(question, style), answer, styled(fq, followup_style), fa, cells, ftype, fcells,
+              style, followup_style)
 
 
-def dataset(split: str, n: int, start: int = 0) -> list[QA]:
-    """``n`` deterministic QAs of a split, question types in rotation (balanced)."""
+def dataset(split: str, n: int, start: int = 0, style: str = "sentence") -> list[QA]:
+    """``n`` deterministic QAs of a split, question types in rotation (balanced), in one answer style."""
     out: list[QA] = []
     for scene in scenes(split, start):
         if len(out) >= n:
             break
         qtype = QUESTION_TYPES[len(out) % len(QUESTION_TYPES)]
-        out.append(make_qa(scene, qtype, scene.seed))
+        out.append(make_qa(scene, qtype, scene.seed, style=style))
     return out
 
 
@@ -306,8 +368,14 @@ def normalise(answer: str) -> str:
 
 
 def answer_question(scene: Scene, question: str) -> str:
-    """The correct answer to any question of the task, computed from ``scene.objects`` alone."""
+    """The correct answer to any question of the task, computed from ``scene.objects`` alone.
+
+    A question ending with :data:`SHORT_SUFFIX` gets the short answer (recomputed here, not via
+    :func:`short_answer`).
+    """
     q = normalise(question)
+    if q.endswith(" " + SHORT_SUFFIX):
+        return _short_from_sentence(scene, q[: -len(SHORT_SUFFIX) - 1])
     for pattern, kind in _Q_PATTERNS:
         m = pattern.match(q)
         if not m:
@@ -337,6 +405,30 @@ def answer_question(scene: Scene, question: str) -> str:
     raise ValueError(f"not a question of this task: {question!r}")
 
 
+def _short_from_sentence(scene: Scene, q: str) -> str:
+    for pattern, kind in _Q_PATTERNS:
+        m = pattern.match(q)
+        if not m:
+            continue
+        if kind == "color":
+            return scene.find(shape=m[1])[0].color
+        if kind == "shape":
+            return scene.find(color=m[1])[0].shape
+        if kind == "where":
+            (o,) = scene.find(m[1], m[2])
+            return position_name(o.row, o.col)
+        if kind == "position":
+            o = scene.at(*POSITIONS[m[1]])
+            return f"{o.color} {o.shape}" if o else "nothing"
+        if kind == "exists":
+            return "yes" if scene.find(m[1], m[2]) else "no"
+        if kind == "count":
+            return NUMBER_WORDS[len(scene.objects)]
+        objs = [f"{o.color} {o.shape}" for o in scene.objects]
+        return (" , ".join(objs[:-1]) + " and " if len(objs) > 1 else "") + objs[-1]
+    raise ValueError(f"not a question of this task: {q!r}")
+
+
 def check_answer(qa: QA) -> str:
     """Recompute the answer of ``qa.question`` from the scene's objects (independent of :func:`make_qa`)."""
     return answer_question(qa.scene, qa.question)
@@ -351,6 +443,7 @@ def vocabulary() -> list[str]:
     words = ["user", "assistant", ":", ".", ",", "?"]
     words += list(COLORS) + list(SHAPES) + ["colour"] + list(ROW_NAMES) + list(COL_NAMES) + ["center"] + list(NUMBER_WORDS)
     words += "what color is the shape object where at is there a no nothing how many objects are describe image and".split()
+    words += SHORT_SUFFIX.split() + ["yes"]  # appended last: the ids of the sentence-style words stay as they were
     seen: list[str] = []
     for w in words:
         if w not in seen:

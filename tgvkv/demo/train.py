@@ -61,12 +61,20 @@ class TrainConfig:
     data_offset: int = 0  # first training scene index (continuations use scenes the first run never saw)
     pos_init: str = "sincos"  # initial CLIP patch position embeddings: "sincos" (2-D, row/column) or "random"
     pos_scale: float = 0.1  # amplitude of the 2-D sin-cos initialisation
+    short_frac: float = 0.0  # share of questions asked in the short answer style (suffix "answer with a single word .")
+    precision: str = "fp32"  # "bf16": forward/backward under CPU autocast (AMX), float32 master weights and optimiser
+    best_metric: str = "val_select"  # validation column that picks the checkpoint kept in <out>/best
+    resume: bool = False  # continue an interrupted run of this config exactly (model, optimiser, step, data) from <out>
 
     def __post_init__(self) -> None:  # checked here, not at the first decayed step of a long run
         if self.schedule not in ("steps", "time"):
             raise ValueError(f"unknown schedule {self.schedule!r}; expected 'steps' or 'time'")
         if self.schedule == "time" and self.max_minutes <= 0:
             raise ValueError("schedule='time' needs max_minutes > 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"unknown precision {self.precision!r}; expected 'fp32' or 'bf16'")
+        if not 0.0 <= self.short_frac <= 1.0:
+            raise ValueError(f"short_frac must be in [0, 1], got {self.short_frac}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,24 +218,25 @@ def train_groups(cfg: TrainConfig, step: int, seed_cursor: list[int]):
             continue
         convs = []
         for _ in range(cfg.pieces_per_image):
+            style, fstyle = (("short" if rng.random() < cfg.short_frac else "sentence") for _ in range(2))
             if repeat:  # "what color is the circle ?" is ambiguous when two circles are in the scene
                 qtype = sample_qtype(rng, cfg, exclude=("color",))
                 ftype = rng.choice([t for t in scenes.FOLLOWUP_TYPES if t != "color"])
-                qa = scenes.make_qa(scene, qtype, rng, followup_type=ftype)
+                qa = scenes.make_qa(scene, qtype, rng, followup_type=ftype, style=style, followup_style=fstyle)
             else:
-                qa = scenes.make_qa(scene, sample_qtype(rng, cfg), rng)
+                qa = scenes.make_qa(scene, sample_qtype(rng, cfg), rng, style=style, followup_style=fstyle)
             words, is_ans = conversation_tokens(qa, rng.random() < cfg.followup_prob)
             convs.append((words, is_ans, 0))
         groups.append((scene.render(), convs))
     return groups
 
 
-def val_groups(n: int, pieces_per_image: int = 1):
-    """Fixed validation set: ``n`` QAs (types in rotation), each asked with its follow-up.
+def val_groups(n: int, styles: tuple[str, ...] = ("sentence",)):
+    """Fixed validation set: ``n`` QAs per answer style (types in rotation), each asked with its follow-up.
 
     Tags: ``2 * i`` for the first answer of QA ``i``, ``2 * i + 1`` for its follow-up answer.
     """
-    qas = scenes.dataset("val", n)
+    qas = [qa for style in styles for qa in scenes.dataset("val", n, style=style)]
     groups = []
     for i, qa in enumerate(qas):
         words, is_ans = conversation_tokens(qa, followup=True)
@@ -278,9 +287,12 @@ def evaluate_teacher_forced(model, packer: Packer, qas, groups, batch: int = 32)
     for i, qa in enumerate(qas):
         per_type[qa.qtype].append(correct[2 * i])
         per_type["followup"].append(correct[2 * i + 1])
+        per_type[f"{qa.style}_overall"].append(correct[2 * i])
     res = {k: sum(v) / len(v) for k, v in per_type.items()}
     firsts = [correct[2 * i] for i in range(len(qas))]
     res["overall"] = sum(firsts) / len(firsts)
+    # what picks the shipped checkpoint: full-KV first answers and follow-ups alike (never eviction results)
+    res["select"] = (res["overall"] + res["followup"]) / 2
     return res
 
 
@@ -373,6 +385,50 @@ def save(model, processor, out: str, cfg: TrainConfig, spec: ModelSpec, state: d
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def step_seconds(cfg: TrainConfig, spec: ModelSpec, steps: int = 6, warmup: int = 2) -> list[float]:
+    """Wall-clock seconds of ``steps`` training steps (after ``warmup`` untimed ones), nothing saved.
+
+    Used by ``python -m tgvkv.bench train`` to compare precisions and model sizes in one run.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)
+    processor = build_processor()
+    model = build_model(processor.tokenizer, spec, seed=cfg.seed).train()
+    model.config.text_config.use_cache = False
+    packer = Packer(processor)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=True)
+    times, cursor = [], [cfg.data_offset]
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        batch = packer.pack(train_groups(cfg, step, cursor))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"], pixel_values=batch["pixel_values"])
+        logits = out.logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+RESUME_FILE = "resume_state.pt"  # optimiser + loop state for --resume (not part of the shipped model)
+
+
+def _save_resume(out: str, opt, step: int, seed_cursor: int, best: float, elapsed: float) -> None:
+    import torch
+
+    tmp = os.path.join(out, RESUME_FILE + ".tmp")
+    torch.save({"optimizer": opt.state_dict(), "step": step, "seed_cursor": seed_cursor, "best": best,
+                "elapsed": elapsed}, tmp)
+    os.replace(tmp, os.path.join(out, RESUME_FILE))
+
+
 def train(cfg: TrainConfig, spec: ModelSpec = ModelSpec()) -> dict:
     import torch
     import torch.nn.functional as F
@@ -383,14 +439,21 @@ def train(cfg: TrainConfig, spec: ModelSpec = ModelSpec()) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     processor = build_processor()
-    if cfg.init_from:
+    resume = None
+    if cfg.resume:
+        resume_path = os.path.join(cfg.out, RESUME_FILE)
+        if not os.path.exists(resume_path):
+            raise FileNotFoundError(f"--resume: {resume_path} not found (start the run without --resume)")
+        resume = torch.load(resume_path, weights_only=False)
+    if cfg.init_from or resume:
         from transformers import LlavaForConditionalGeneration
 
-        model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.out if resume else cfg.init_from,
+                                                              dtype=torch.float32)
     else:
         model = build_model(processor.tokenizer, spec, seed=cfg.seed)
     model.config.text_config.use_cache = False
-    if cfg.pos_init == "sincos" and not cfg.init_from:
+    if cfg.pos_init == "sincos" and not cfg.init_from and not resume:
         init_2d_positions(model, cfg.pos_scale)
     model.train()
     packer = Packer(processor)
@@ -407,24 +470,34 @@ def train(cfg: TrainConfig, spec: ModelSpec = ModelSpec()) -> dict:
         betas=(0.9, 0.98),
         foreach=True,
     )
-    val_qas, val_g = val_groups(cfg.val_n)
+    styles = ("sentence", "short") if cfg.short_frac > 0 else ("sentence",)
+    val_qas, val_g = val_groups(cfg.val_n, styles)
+    best = -1.0
+    start, t_offset = 0, 0.0
     os.makedirs(cfg.out, exist_ok=True)
     curve_path = os.path.join(cfg.out, "training_curve.csv")
     curve = []
     seed_cursor = [cfg.data_offset]
-    t0 = time.time()
+    if resume:  # same optimiser moments, data position, schedule clock and best score as when it stopped
+        opt.load_state_dict(resume["optimizer"])
+        start, seed_cursor, best, t_offset = resume["step"], [resume["seed_cursor"]], resume["best"], resume["elapsed"]
+        with open(os.path.join(cfg.out, "training_state.json")) as f:
+            curve = json.load(f).get("curve", [])
+        log.info("resumed at step %d (%.1f min)", start, t_offset / 60)
+    t0 = time.time() - t_offset
     ema = None
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         lr = lr_at(step, cfg, time.time() - t0)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = packer.pack(train_groups(cfg, step, seed_cursor))
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            pixel_values=batch["pixel_values"],
-        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                pixel_values=batch["pixel_values"],
+            )
         logits = out.logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
@@ -447,9 +520,16 @@ def train(cfg: TrainConfig, spec: ModelSpec = ModelSpec()) -> dict:
                 w = csv.DictWriter(f, fieldnames=list(curve[-1].keys()))
                 w.writeheader()
                 w.writerows(curve)
+            if row[cfg.best_metric] > best:  # the best full-KV validation point so far, kept apart
+                best = row[cfg.best_metric]
+                save(model, processor, os.path.join(cfg.out, "best"), cfg, spec,
+                     {"step": step + 1, "minutes": elapsed / 60, "n_params": n_params, "curve": curve,
+                      "previous_stages": previous_stages, "best": {cfg.best_metric: best, "step": step + 1}})
+                log.info("best %s %.4f at step %d", cfg.best_metric, best, step + 1)
         if (step + 1) % cfg.save_every == 0 or last:
             save(model, processor, cfg.out, cfg, spec, {"step": step + 1, "minutes": elapsed / 60, "n_params": n_params, "curve": curve,
                  "previous_stages": previous_stages})
+            _save_resume(cfg.out, opt, step + 1, seed_cursor[0], best, elapsed)
             log.info("saved checkpoint at step %d to %s", step + 1, cfg.out)
         if last:
             break
@@ -459,7 +539,10 @@ def train(cfg: TrainConfig, spec: ModelSpec = ModelSpec()) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for k, v in TrainConfig().__dict__.items():
-        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+        if isinstance(v, bool):
+            ap.add_argument("--" + k.replace("_", "-"), action="store_true", default=v)
+        else:
+            ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     for k, v in ModelSpec().to_dict().items():
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     ap.add_argument("--no-plot", action="store_true")

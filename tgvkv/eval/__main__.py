@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m tgvkv.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="local model folder or hub id (AutoModelForImageTextToText)")
-    ap.add_argument("--task", default="demo", help="'demo' (bundled model's scene task) or a folder / .jsonl file "
+    ap.add_argument("--task", default="demo", help="'demo' / 'demo-short' (bundled model's scene task, sentence / short answers) or a folder / .jsonl file "
                     "with image questions (see tgvkv/eval/tasks.py for the format)")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="demo task split")
+    ap.add_argument("--split", default="test", choices=["train", "val", "test", "fresh"], help="demo task split")
     ap.add_argument("--methods", type=_names, default=["all"], help="comma-separated methods, or 'all' "
                     "(every registered method; full KV is always computed as the reference)")
     ap.add_argument("--keep", type=_floats, default=[0.05, 0.1, 0.2, 0.5], help="KV budgets (fraction kept)")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .metrics import score
-from .tasks import Example, Task, load_task
+from .tasks import DEMO_TASKS, Example, Task, load_task
 
 ROWS = "rows.jsonl"
 RUN_FILE = "run.json"
@@ -551,7 +551,7 @@ def estimate_message(seconds_per_run: float, runs_left: int) -> str:
 
 def _title(cfg: EvalConfig, n: int) -> str:
     name = Path(cfg.model).name if Path(cfg.model).exists() else cfg.model
-    return f"{name} on {cfg.task if cfg.task == 'demo' else Path(cfg.task).name} (n={n})"
+    return f"{name} on {cfg.task if cfg.task in DEMO_TASKS else Path(cfg.task).name} (n={n})"
 
 
 def _wait_for_rows(out: Path, expected: set[tuple], poll_s: float) -> None:

@@ -48,21 +48,25 @@ class Task:
     info: dict = field(default_factory=dict)  # what identifies the task (stored with the results)
 
 
+DEMO_TASKS = {"demo": "sentence", "demo-short": "short"}  # task name -> answer style of the demo scene task
+
+
 def load_task(spec: str, limit: int | None = None, split: str = "test", metric: str = "auto") -> Task:
-    """`demo` (the bundled model's scene task) or a folder / JSONL file."""
+    """`demo` / `demo-short` (the bundled model's scene task, sentence or short answers) or a folder / JSONL file."""
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    if spec == "demo":
-        return demo_task(split, limit if limit is not None else DEMO_DEFAULT_LIMIT)
+    if spec in DEMO_TASKS:
+        return demo_task(split, limit if limit is not None else DEMO_DEFAULT_LIMIT, style=DEMO_TASKS[spec])
     return folder_task(spec, limit, metric)
 
 
-def demo_task(split: str = "test", n: int = DEMO_DEFAULT_LIMIT) -> Task:
+def demo_task(split: str = "test", n: int = DEMO_DEFAULT_LIMIT, style: str = "sentence") -> Task:
     """`n` questions of the demo scene task's split (question types in rotation, so balanced); exact match after
-    the task's `normalise`, as the model card reports."""
+    the task's `normalise`, as the model card reports. `style="short"` asks the same questions with the benchmark
+    suffix ("answer with a single word .") and expects the short answers."""
     from ..demo import scenes
 
-    qas = scenes.dataset(split, n)
+    qas = scenes.dataset(split, n, style=style)
     examples = []
     for i, qa in enumerate(qas):
         examples.append(
@@ -79,8 +83,11 @@ def demo_task(split: str = "test", n: int = DEMO_DEFAULT_LIMIT) -> Task:
                 load_images=(lambda scene=qa.scene: [scene.render()]),
             )
         )
-    return Task(name="demo", examples=examples, normalise=scenes.normalise,
-                info={"task": "demo", "split": split, "n": len(examples)})
+    name = next(k for k, v in DEMO_TASKS.items() if v == style)
+    info = {"task": "demo", "split": split, "n": len(examples)}
+    if style != "sentence":  # sentence-style runs keep the identity they had before styles existed
+        info["style"] = style
+    return Task(name=name, examples=examples, normalise=scenes.normalise, info=info)
 
 
 def _jsonl_path(spec: str) -> Path:
@@ -88,7 +95,7 @@ def _jsonl_path(spec: str) -> Path:
     if p.is_file():
         return p
     if not p.is_dir():
-        raise ValueError(f"task {spec!r} is neither 'demo' nor an existing folder or .jsonl file")
+        raise ValueError(f"task {spec!r} is neither 'demo', 'demo-short' nor an existing folder or .jsonl file")
     files = sorted(p.glob("*.jsonl"))
     if not files:
         raise ValueError(f"task folder {spec!r} holds no .jsonl file")

@@ -8,6 +8,7 @@ from .base import DecodeRule, Policy, Selection, check_keep_ratio
 from .baselines import Full, RandomEviction
 from .h2o import H2O
 from .prefixkv import PrefixKV
+from .probes import TextOnly
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
@@ -18,7 +19,8 @@ from .tgv_kv import TGVKV
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (
-        TGVKV, Full, RandomEviction, StreamingLLM, H2O, SnapKV, PyramidKV, PrefixKV, TGVAblation, *ABLATION_ROWS
+        TGVKV, Full, RandomEviction, StreamingLLM, H2O, SnapKV, PyramidKV, PrefixKV, TGVAblation, TextOnly,
+        *ABLATION_ROWS
     )
 }
 

@@ -49,8 +49,9 @@ def load_examples(kind: str | None = None) -> list[Example]:
     return [r for r in rows if kind is None or r.kind == kind]
 
 
-def build_scene_examples(n: int = 7) -> list[Example]:
-    """Render `n` test-split scenes (one per question type, in rotation) into assets/examples/scenes/."""
+def build_scene_examples(n: int = 7, n_short: int = 4) -> list[Example]:
+    """Render `n` test-split scenes (one per question type, in rotation) into assets/examples/scenes/; the first
+    `n_short` of them are listed a second time in the short answer style (benchmark suffix)."""
     from ..demo import scenes
 
     out_dir = EXAMPLES_DIR / "scenes"
@@ -60,6 +61,9 @@ def build_scene_examples(n: int = 7) -> list[Example]:
         name = f"scenes/scene_{qa.scene.seed}.png"
         qa.scene.render().save(EXAMPLES_DIR / name, optimize=True)
         rows.append(Example("scene", name, qa.question, qa.answer, f"{qa.qtype}: {qa.question}"))
+    for qa in scenes.dataset("test", n_short, style="short"):  # same scenes and questions, short answers
+        name = f"scenes/scene_{qa.scene.seed}.png"
+        rows.append(Example("scene", name, qa.question, qa.answer, f"{qa.qtype} (short answer): {qa.question}"))
     return rows
 
 
