@@ -8,10 +8,13 @@ Official quirks reproduced on purpose (see ../shared/docs/tgvkv.md, section 3):
 - budgets are not redistributed: a layer whose share exceeds T keeps T and the surplus is lost;
 - forget counts use round-half-even at prefill but truncation at decode;
 - 4 sinks and the last prompt token are always kept, so at least 5 tokens survive;
-- nothing is evicted at all when (1 - keep_ratio) * T < 1;
+- nothing is evicted at all when int(T - T * keep_ratio) <= 0 (fewer than one token to prune);
 - the +100 text offset is a soft priority (a vision score above 100 would outrank text);
 - at decode, exactly one slot per over-budget layer and step, the protected suffix P_l is never updated.
-Deviation: arithmetic in float64 instead of the model dtype (the official code's bf16 makes text scores tie).
+- the layer ratios are stored as float32 and the decode rule computes N * (1 - ratio_l) in float32, as the official
+  code does (see `blocks.official_decode_forget`).
+Deviation: scores and ratios are computed in float64 from the captured float32 statistics, while the official code
+computes them in the model dtype (its bf16 makes text scores tie); see docs/policies.md.
 Generalisation to several images: all vision tokens are "vision", the text queries are the text positions after the
 first vision token, and the protected suffix counts kept positions after the last vision token.
 """
@@ -33,15 +36,18 @@ from .base import DecodeRule, Policy, Selection
 class OfficialDecodeRule(DecodeRule):
     """One lowest-attention eviction per step in each layer whose cache exceeds N * (1 - ratio_l)."""
 
-    ratios: np.ndarray  # (L,) official forget fractions
+    ratios: np.ndarray  # (L,) official forget fractions, float32 as the official code stores them
     protected: np.ndarray  # (L,) protected suffix P_l
     sinks: int = blocks.OFFICIAL_SINKS
 
+    def __post_init__(self) -> None:
+        self.ratios = np.asarray(self.ratios, dtype=np.float32)
+
     def victim(self, layer: int, attn_row: torch.Tensor, cache_len: int, logical_len: int) -> torch.Tensor | None:
-        ratio = float(self.ratios[layer])
+        ratio = self.ratios[layer]
         if ratio <= 0:
             return None
-        forget = max(0, int(cache_len - logical_len * (1.0 - ratio)))  # int() truncates, as the official code
+        forget = blocks.official_decode_forget(cache_len, logical_len, ratio)  # float32 as the official, truncated
         end = cache_len - int(self.protected[layer])
         if forget <= 0 or end <= self.sinks:
             return None
@@ -78,8 +84,8 @@ class TGVKV(Policy):
         scores = blocks.text_priority_scores(vision_scores, text_scores, layout, self.text_offset)  # TPR
 
         mass = ti.sum(axis=(1, 2))  # TVB statistic s_l
-        if (1.0 - keep_ratio) * T < 1:  # official: nothing to prune
-            ratios = np.zeros(L)
+        if blocks.nothing_to_prune(T, keep_ratio):  # official: nothing to prune
+            ratios = np.zeros(L, dtype=np.float32)
             forget = np.zeros(L, dtype=np.int64)
         else:
             ratios = blocks.official_layer_ratios(mass, keep_ratio)
