@@ -157,3 +157,38 @@ def check_decode(model, proc, images, question: str, keep: float, max_new_tokens
         differs += in_range and old != (want is not None)
     return DecodeCheck(len(pol.rule.calls), equal, evictions, bool(np.array_equal(ratios, sel.info["layer_ratio"])),
                        differs)
+
+
+def official_prefill(attentions: list[torch.Tensor], image_start: int, n_image: int, keep_ratio: float
+                     ) -> tuple[np.ndarray, list[np.ndarray], torch.Tensor]:
+    """The official `_prefill`, its expressions copied, in the attentions' dtype (torch does the rounding).
+
+    attentions: per layer the eager attention probabilities (1, H, T, T) in the model dtype, as `output_attentions`
+    returns them. Returns (forget counts, kept positions per layer, score_sum (L, 1, T)). Ties in the ranking are
+    broken stably (lower position evicted first), as ours; the official `torch.argsort` does not promise an order."""
+    prune = 1.0 - keep_ratio
+    seq_len = attentions[0].shape[-1]
+    seq_lens = np.array([seq_len] * len(attentions))
+    text_start = image_start + n_image
+    all_attns = torch.stack([x.squeeze(0).mean(0) for x in attentions])
+    text_image_attns = all_attns[:, text_start:, image_start:text_start]
+    text_text_attns = all_attns[:, text_start:, text_start:]
+    text_text_score = text_text_attns.sum(1, keepdim=True)
+    b = torch.arange(1, text_text_score.shape[-1] + 1).flip([0]).unsqueeze(0).unsqueeze(0)
+    text_text_score = text_text_score / b
+    text_image_score = (text_image_attns * text_text_score.transpose(-1, -2)).sum(1, keepdim=True)
+    pre_score = all_attns[..., :image_start].sum(1, keepdim=True) + 100
+    post_score = all_attns[..., image_start + n_image :].sum(1, keepdim=True) + 100
+    score_sum = torch.cat([pre_score, text_image_score, post_score], dim=2)
+    text_image_attn_sum = text_image_attns.reshape(text_image_attns.size(0), -1).sum(dim=1)
+    normalized_layer_ratio = text_image_attn_sum / text_image_attn_sum.sum()
+    layer_ratio = (seq_len - (len(normalized_layer_ratio) * seq_len * (1 - prune) * normalized_layer_ratio)) / seq_len
+    ratios = layer_ratio.float().cpu().numpy()
+    forget_nums = (ratios * seq_lens).round().astype(np.int32)
+    forget_nums[forget_nums < 0] = 0
+    kept = []
+    for idx in range(len(attentions)):
+        order = torch.argsort(score_sum[idx, :, START_SIZE : seq_len - PROTECT_SIZE], stable=True)
+        selected = order[:, forget_nums[idx]:] + START_SIZE
+        kept.append(np.concatenate([np.arange(START_SIZE), np.sort(selected[0].numpy()), [seq_len - PROTECT_SIZE]]))
+    return forget_nums, kept, score_sum

@@ -192,6 +192,7 @@ def generate(
         query_positions=request.query_positions,
         column_positions=column_positions(request, layout.text_positions, T),
         full_maps=capture.diagnostics and T <= capture.max_map_tokens,
+        stat_dtype=model.dtype if request.model_dtype else None,
     )
     cache = EvictingCache(config=model.config)
     timings: dict[str, float] = {}
@@ -253,7 +254,7 @@ def generate(
 
     # 4. decode
     rule = _decode_rule(pol, layer_selection, layout, evictable) if pol is not None else None
-    decode_rec = Recorder(decode=rule is not None)
+    decode_rec = Recorder(decode=rule is not None, stat_dtype=recorder.stat_dtype)
     cache.decode_rule, cache.recorder = rule, decode_rec
     t2 = time.perf_counter()
     with torch.inference_mode(), recording(decode_rec):
@@ -317,6 +318,7 @@ def _select(pol: Policy, stats: PrefillStats, layout: TokenLayout, keep_ratio: f
         query_positions=stats.query_positions,
         column_sums=None if stats.column_sums is None else stats.column_sums[idx],
         column_mask=stats.column_mask,
+        dtype=stats.dtype,
     )
     sub = pol.select(sub_stats, layout, keep_ratio)
     L, T = len(evictable), layout.seq_len
