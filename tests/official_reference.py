@@ -22,7 +22,8 @@ START_SIZE, PROTECT_SIZE = 4, 1
 def official_ratios(attentions: list[torch.Tensor], image_start: int, n_image: int, keep_ratio: float,
                     layers: list[int] | None = None) -> np.ndarray:
     """(L,) float32 layer ratios as the official `_prefill`: head-mean attention per layer (already averaged here),
-    text->image mass, normalised, ratio = (T - L * T * (1 - PRUNE_RATIO) * r) / T in the attention dtype, stored float32.
+    text->image mass, normalised, ratio = (T - L * T * (1 - PRUNE_RATIO) * r) / T in the attention dtype, stored as
+    float32.
 
     attentions: per language layer, the head-averaged (T, T) eager attention in float32. layers: the evictable layers
     (the official code evicts every layer; hybrid models evict only the full-attention ones, so L counts those)."""
@@ -117,7 +118,7 @@ class DecodeCheck:
 
 
 def head_mean_eager_attention(model, inputs: dict) -> list[torch.Tensor]:
-    """Per language layer, the (T, T) float32 eager attention averaged over heads (the official `x.squeeze(0).mean(0)`)."""
+    """Per language layer, the (T, T) float32 eager attention averaged over heads (official `x.squeeze(0).mean(0)`)."""
     from tiny_models import attn
 
     with attn(model, "eager"), torch.inference_mode():

@@ -107,7 +107,8 @@ def test_decode_logits_equal_per_layer_masked_full_forward(llava, method, protoc
     ids = ids[:-1]  # the last follow-up token is never fed
     _MASKS.clear()
     _MASKS.update(_masks(tr, len(ids), protocol))
-    inputs = hf_compat.process_inputs(proc, [img], hf_compat.render_prompt(proc, Q, 1), torch.device("cpu"), torch.float32)
+    prompt = hf_compat.render_prompt(proc, Q, 1)
+    inputs = hf_compat.process_inputs(proc, [img], prompt, torch.device("cpu"), torch.float32)
     with attn(model, "gt_per_layer"), torch.inference_mode():
         out = model(input_ids=torch.tensor([ids]), pixel_values=inputs["pixel_values"],
                     position_ids=torch.arange(len(ids))[None])
@@ -131,7 +132,8 @@ def test_masks_would_catch_a_decode_eviction_applied_one_step_late(llava):
     late = dataclasses.replace(tr, decode_evictions=tr.decode_evictions + np.array([1, 0, 0]))
     _MASKS.clear()
     _MASKS.update(_masks(late, len(ids) - 1, "official"))
-    inputs = hf_compat.process_inputs(proc, [img], hf_compat.render_prompt(proc, Q, 1), torch.device("cpu"), torch.float32)
+    prompt = hf_compat.render_prompt(proc, Q, 1)
+    inputs = hf_compat.process_inputs(proc, [img], prompt, torch.device("cpu"), torch.float32)
     with attn(model, "gt_per_layer"), torch.inference_mode():
         out = model(input_ids=torch.tensor([ids[:-1]]), pixel_values=inputs["pixel_values"],
                     position_ids=torch.arange(len(ids) - 1)[None])

@@ -1,4 +1,4 @@
-"""tgv-kv's decode decisions against an independent re-implementation of the official rule (tests/official_reference.py).
+"""tgv-kv's decode decisions against an independent re-implementation of the official rule (official_reference.py).
 
 Every decode-rule call of the engine (layer x step) is re-decided from the official code's own expressions: layer
 ratios from eager float32 attention as the official `_prefill` computes them, forget counts as its numpy `_decode`.
@@ -38,7 +38,8 @@ def test_whole_number_case_on_tiny_gemma3_follows_float32():
     model, proc = tf.tiny_gemma3(layers=2)
     pol = RecordingTGVKV()
     res = generate(model, proc, [random_image(0, (48, 20))], "where is the circle ?", pol, 0.1,
-                   options=RunOptions(max_new_tokens=40), capture=CaptureOptions(diagnostics=False, hidden_states=False))
+                   options=RunOptions(max_new_tokens=40),
+                   capture=CaptureOptions(diagnostics=False, hidden_states=False))
     assert res.trace.selection_info["evictable_layers"].tolist() == [False, True]
     ratios = pol.selection.info["layer_ratio"]
     assert ratios.dtype == np.float32 and ratios.tolist() == [np.float32(0.9)]

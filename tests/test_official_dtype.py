@@ -32,7 +32,8 @@ def test_rounding_equals_torch(dtype, torch_dtype):
 
 def test_bf16_hand_values_around_the_text_offset():
     # bf16 has 8 significant bits: between 64 and 128 its values are 0.5 apart
-    assert round_to([100.2, 100.3, 100.6, 100.74, 100.75, 101.25], "bfloat16").tolist() == [100.0, 100.5, 100.5, 100.5, 101.0, 101.0]
+    values = [100.2, 100.3, 100.6, 100.74, 100.75, 101.25]
+    assert round_to(values, "bfloat16").tolist() == [100.0, 100.5, 100.5, 100.5, 101.0, 101.0]
     # fp16 (11 bits): 1/16 apart there
     assert round_to([100.3, 100.6], "float16").tolist() == [100.3125, 100.625]
 
@@ -66,7 +67,8 @@ def test_bf16_text_scores_tie_at_100_5_and_change_which_text_token_is_evicted():
     assert f64.kept[0].tolist() == [0, 1, 2, 3, 8, 9, 11]
     assert bf16.kept[0].tolist() == [0, 1, 2, 3, 8, 10, 11]
     # two text tokens to evict (forget 6): both rules evict 9 and 10, in a different order
-    assert tgvkv.run_selection("tgv-kv", [attn_map], spans, 0.5, precision="bfloat16").kept[0].tolist() == [0, 1, 2, 3, 8, 11]
+    two = tgvkv.run_selection("tgv-kv", [attn_map], spans, 0.5, precision="bfloat16")
+    assert two.kept[0].tolist() == [0, 1, 2, 3, 8, 11]
 
 
 def test_bf16_budget_quantisation_hand_case():
@@ -111,7 +113,8 @@ def test_engine_with_model_precision_equals_the_official_prefill_in_that_dtype(l
     for path in ("tgvkv", "tgvkv_eager"):
         with attn(model, path):
             res = generate(model, proc, [img], Q, "tgv-kv", keep, options=RunOptions(max_new_tokens=4),
-                           policy_options={"precision": "model"}, capture=CaptureOptions(diagnostics=False, hidden_states=False))
+                           policy_options={"precision": "model"},
+                           capture=CaptureOptions(diagnostics=False, hidden_states=False))
         tr = res.trace
         assert tr.selection_info["forget"].tolist() == forget.tolist(), path
         assert [tr.kept_positions(l).tolist() for l in range(3)] == [k.tolist() for k in kept], path

@@ -204,8 +204,8 @@ def _record_prefill(rec: Recorder, module, query, key, attention_mask, scaling, 
             total = torch.zeros(len(cols), device=query.device)
             for s in range(0, T, _CHUNK):
                 q_rows = torch.arange(s, min(T, s + _CHUNK), device=query.device)
-                part = _head_mean_probs(module, query[:, :, q_rows], key, _allowed(attention_mask, q_rows, T, S), scaling,
-                                        rec.stat_dtype)
+                allowed = _allowed(attention_mask, q_rows, T, S)
+                part = _head_mean_probs(module, query[:, :, q_rows], key, allowed, scaling, rec.stat_dtype)
                 total += part[0][:, cols].sum(dim=0)
             rec.column_sums[layer] = total
         else:
@@ -214,13 +214,12 @@ def _record_prefill(rec: Recorder, module, query, key, attention_mask, scaling, 
             rec.column_sums[layer] = _column_sums_with_lse(query, key, lse, cols, scaling, attention_mask)[0]
     if rec.full_maps:
         if full is None:
-            full = torch.cat(
-                [
-                    _head_mean_probs(module, query[:, :, s : s + _CHUNK], key, _allowed(attention_mask, torch.arange(s, min(T, s + _CHUNK), device=query.device), T, S), scaling, rec.stat_dtype)
-                    for s in range(0, T, _CHUNK)
-                ],
-                dim=1,
-            )
+            parts = []
+            for s in range(0, T, _CHUNK):
+                q_rows = torch.arange(s, min(T, s + _CHUNK), device=query.device)
+                allowed = _allowed(attention_mask, q_rows, T, S)
+                parts.append(_head_mean_probs(module, query[:, :, q_rows], key, allowed, scaling, rec.stat_dtype))
+            full = torch.cat(parts, dim=1)
         rec.maps[layer] = full[0].half()
 
 
@@ -239,7 +238,8 @@ def _lse_chunked(query, key, mask, scaling) -> torch.Tensor:
 
 def _record_decode(rec: Recorder, module, query, key, attention_mask, scaling, full=None) -> None:
     layer = module.layer_idx
-    if full is None and attention_mask is None and rec.stat_dtype is None:  # one query, no padding: it sees every slot, no mask to apply
+    # one query, no padding: it sees every slot, no mask to apply (a model-dtype row goes the general way)
+    if full is None and attention_mask is None and rec.stat_dtype is None:
         B, H, _, D = query.shape
         h_kv = key.shape[1]
         q = (query[:1].float() * scaling).view(1, h_kv, H // h_kv, D)  # (1, H_kv, G, D)
@@ -248,7 +248,8 @@ def _record_decode(rec: Recorder, module, query, key, attention_mask, scaling, f
         return
     if full is None:
         q_idx = torch.zeros(1, dtype=torch.long, device=query.device)
-        full = _head_mean_probs(module, query, key, _allowed(attention_mask, q_idx, 1, key.shape[2]), scaling, rec.stat_dtype)
+        allowed = _allowed(attention_mask, q_idx, 1, key.shape[2])
+        full = _head_mean_probs(module, query, key, allowed, scaling, rec.stat_dtype)
     rec.decode_rows[layer] = full[0, -1].float()
 
 
@@ -262,7 +263,8 @@ def tgvkv_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0,
         attention_mask = _with_key_mask(attention_mask, rec.key_masks[module.layer_idx], q_len, kv_len)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     prefill = rec is not None and q_len > 1 and q_len == kv_len
-    if prefill and rec.column_positions is not None and attention_mask is None and not module.training and rec.stat_dtype is None:
+    fused = rec is not None and rec.column_positions is not None and rec.stat_dtype is None
+    if prefill and fused and attention_mask is None and not module.training:
         out, lse = _sdpa_with_lse(query, key, value, scaling)
         _record_prefill(rec, module, query, key, attention_mask, scaling, lse=lse)
         return out, None
@@ -288,7 +290,8 @@ def tgvkv_eager_attention(module, query, key, value, attention_mask, dropout=0.0
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     out = torch.matmul(probs.to(value.dtype), v).transpose(1, 2).contiguous()
     if rec is not None:
-        full = probs.mean(dim=1) if rec.stat_dtype is None else probs.to(rec.stat_dtype).mean(dim=1).float()  # (B, q, S)
+        # (B, q, S) head mean; in the model dtype as the official code takes it when asked
+        full = probs.mean(dim=1) if rec.stat_dtype is None else probs.to(rec.stat_dtype).mean(dim=1).float()
         if q_len > 1 and q_len == kv_len:
             _record_prefill(rec, module, query, key, attention_mask, scaling, full=full)
         elif rec.decode and q_len == 1:

@@ -279,8 +279,8 @@ def generate(
     if opts.followup:
         t3 = time.perf_counter()
         with torch.inference_mode(), recording(decode_rec):
-            f_ids, f_logits = _followup(model, processor, cache, prompt_ids, new_ids, question, len(images), trace.output_text,
-                                        opts, len(videos))
+            f_ids, f_logits = _followup(model, processor, cache, prompt_ids, new_ids, question, len(images),
+                                        trace.output_text, opts, len(videos))
             cache.flush_decode_evictions()
         log = cache.eviction_log()  # now with the follow-up turn's evictions (steps past the answer)
         log[:, 0] -= T

@@ -64,7 +64,8 @@ def sign_test(diffs: Sequence[float]) -> float:
     return min(1.0, 2 * p)
 
 
-def bootstrap_ci(diffs: Sequence[float], n: int = N_RESAMPLES, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(diffs: Sequence[float], n: int = N_RESAMPLES, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of paired differences: resample the examples (with replacement)
     `n` times with numpy's generator seeded by `seed`; (nan, nan) for no examples."""
     d = np.asarray(diffs, dtype=np.float64)
@@ -251,8 +252,9 @@ def claims(rows: dict, summary: dict, protocol: str, turn: str) -> list[str]:
             below = [m for m, w in zip(others, worst) if w["verdict"] == FAILS]
             unclear = [m for m, w in zip(others, worst) if w["verdict"] == UNCLEAR]
             w_acc = tab[("tgv-evict-text-first", keep)]["accuracy"]
-            detail = (f"significantly below it: {', '.join(below)}" if below else
-                      f"not distinguishable from: {', '.join(unclear)}" if unclear else "every other variant is above it")
+            detail = (f"significantly below it: {', '.join(below)}" if below
+                      else f"not distinguishable from: {', '.join(unclear)}" if unclear
+                      else "every other variant is above it")
             worst_txt = f"evict-text-first is the worst variant: **{worst_verdict}** ({_pct(w_acc)}%; {detail})"
         else:
             worst_txt = "evict-text-first not evaluated"
@@ -270,9 +272,9 @@ def report(folder: str | Path) -> str:
     n = summary["n_examples"]  # the task's examples are a prefix (index < n) of what the rows may hold
     rows = {k: r for k, r in load_all_rows(folder).items() if r["example_index"] < n}
     parts = [f"Model `{summary['model']}`, task `{summary['task']}`, {summary['n_examples']} examples, "
-             f"max {summary['max_new_tokens']} new tokens, greedy. Cells: accuracy % (relative to full KV %); '± sd' over "
-             f"the draws of a seeded method run with several seeds; bold: the best method of the column (ties all bold; "
-             f"full KV is the reference, not ranked)."]
+             f"max {summary['max_new_tokens']} new tokens, greedy. Cells: accuracy % (relative to full KV %); "
+             "'± sd' over the draws of a seeded method run with several seeds; bold: the best method of the column "
+             "(ties all bold; full KV is the reference, not ranked)."]
     combos = list(dict.fromkeys((r["protocol"], r["turn"]) for r in summary["table"]))
     for protocol, turn in combos:
         what = "first question" if turn == "first" else "follow-up question (second turn on the evicted cache)"
@@ -292,13 +294,15 @@ def report(folder: str | Path) -> str:
     return "\n".join(parts) + "\n"
 
 
-def curve_table(labelled: Sequence[tuple[str, dict]], method: str, protocol: str = "official", turn: str = "first") -> str:
+def curve_table(labelled: Sequence[tuple[str, dict]], method: str, protocol: str = "official",
+                turn: str = "first") -> str:
     """One method's accuracy against the budget in several evaluations (e.g. one seed before, several seeds after):
     a row per evaluation, cells "mean ± sd [min-max]" over its draws (just the accuracy for a single draw)."""
     keeps = sorted({r["keep"] for _, s in labelled for r in s["table"] if r["method"] == method})
     if not keeps:
         return ""
-    lines = ["| evaluation | draws | " + " | ".join(f"{k * 100:g}%" for k in keeps) + " |", "|---|---|" + "---|" * len(keeps)]
+    lines = ["| evaluation | draws | " + " | ".join(f"{k * 100:g}%" for k in keeps) + " |",
+             "|---|---|" + "---|" * len(keeps)]
     for label, summary in labelled:
         tab = {r["keep"]: r for r in summary["table"] if r["method"] == method and r["protocol"] == protocol
                and r["turn"] == turn and r["qtype"] == "all"}
@@ -334,7 +338,8 @@ def main(argv=None) -> None:
         labelled = [(f, json.loads((Path(f) / SUMMARY_JSON).read_text())) for f in args.folders]
         combos = list(dict.fromkeys((r["protocol"], r["turn"]) for _, s in labelled for r in s["table"]))
         for protocol, turn in combos:
-            print(f"\n### {args.curve}, {turn} turn, {protocol} protocol\n\n" + curve_table(labelled, args.curve, protocol, turn))
+            table = curve_table(labelled, args.curve, protocol, turn)
+            print(f"\n### {args.curve}, {turn} turn, {protocol} protocol\n\n" + table)
         return
     for folder in args.folders:
         print(report(folder))

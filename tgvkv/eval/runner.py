@@ -85,14 +85,15 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
-            raise ValueError(f"seeds must be an integer >= 1 (draws of seeded methods such as random), got {self.seeds!r}")
+            raise ValueError(f"seeds must be an integer >= 1 (draws of seeded methods such as random), "
+                             f"got {self.seeds!r}")
 
     def identity(self) -> dict[str, Any]:
         """What the rows depend on (besides the method/keep/protocol/example/draw of each row). `seeds` is not part
         of it: more draws extend a folder. policy_seeds names how seeded methods get their seed (rows written before
         per-example seeds, when every example shared one seed, are refused)."""
-        return {"max_new_tokens": self.max_new_tokens, "seed": self.seed, "dtype": self.dtype, "followup": self.followup,
-                "policy_seeds": POLICY_SEEDS}
+        return {"max_new_tokens": self.max_new_tokens, "seed": self.seed, "dtype": self.dtype,
+                "followup": self.followup, "policy_seeds": POLICY_SEEDS}
 
 
 # -- methods ---------------------------------------------------------------------------------------------------
@@ -568,7 +569,8 @@ def run(cfg: EvalConfig, summary_only: bool = False, overwrite: bool = False) ->
         bar.close()
     if not main:
         return []
-    expected = {k for u in units_for(examples, methods, keeps, protocols, cfg.seeds) for k in unit_keys(*u, cfg.followup)}
+    expected = {k for u in units_for(examples, methods, keeps, protocols, cfg.seeds)
+                for k in unit_keys(*u, cfg.followup)}
     if not summary_only:
         _wait_for_rows(out, expected, cfg.poll_s)
         rows = merge_rows(out)
