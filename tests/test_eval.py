@@ -345,3 +345,33 @@ def test_summary_from_gzipped_rows(setup, tmp_path):
     (out / "run.json").write_bytes((ref / "run.json").read_bytes())
     assert eval_main(_args(model, task, out) + ["--summary-only"]) == 0
     assert _summary(out / "summary.csv") == _summary(ref / "summary.csv")
+
+
+def test_seeds_evaluate_draws_per_example_and_extend(setup, tmp_path, capsys):
+    """--seeds N: random is run N times with a seed per example and draw; more seeds later add only the new draws."""
+    from tgvkv.eval.runner import example_seed
+
+    _, model, task, _ = setup
+    out = tmp_path / "seeds"
+    args = _args(model, task, out)
+    args[args.index("--methods") + 1] = "random,tgv-kv"
+    args[args.index("--keep") + 1] = "0.5"
+    args[args.index("--protocols") + 1] = "official"
+    assert eval_main(args + ["--seeds", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"= {N_EXAMPLES * 4} runs" in err and "(3 method draws" in err  # full + random x 2 + tgv-kv per example
+    rows = read_rows(out / "rows.jsonl")
+    first = [r for r in rows if r["turn"] == "first"]
+    rnd = [r for r in first if r["method"] == "random"]
+    assert sorted((r["example_id"], r["draw"]) for r in rnd) == sorted((f"{i:06d}", d) for i in range(N_EXAMPLES) for d in (0, 1))
+    assert all(r["policy_seed"] == example_seed(r["draw"], r["example_id"]) for r in rnd)
+    assert all("draw" not in r for r in first if r["method"] != "random")
+    top = {r["method"]: r for r in _summary(out / "summary.csv") if r["qtype"] == "all" and r["turn"] == "first"}
+    assert top["random"]["draws"] == "2" and top["tgv-kv"]["draws"] == "1" and top["random"]["n"] == str(N_EXAMPLES)
+    accs = [sum(r["score"] for r in rnd if r["draw"] == d) / N_EXAMPLES for d in (0, 1)]
+    assert float(top["random"]["accuracy"]) == pytest.approx(sum(accs) / 2, abs=1e-6)
+    assert float(top["random"]["accuracy_min"]) == pytest.approx(min(accs), abs=1e-6)
+    assert eval_main(args + ["--seeds", "3"]) == 0
+    err = capsys.readouterr().err
+    assert f"rank 0: {N_EXAMPLES} runs to do" in err  # only draw 2 of random
+    assert eval_main(args + ["--seeds", "0"]) == 2 and "--seeds must be >= 1" in capsys.readouterr().err

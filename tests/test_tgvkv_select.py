@@ -317,3 +317,20 @@ def test_tgv_family_input_errors(method):
         tgvkv.select(method, example_a(), [], 0.5)
     with pytest.raises(ValueError, match="ends with vision tokens"):
         tgvkv.select(method, example_a(), [(4, 10)], 0.5)
+
+
+def test_decode_forget_in_the_official_number_types():
+    """Ratios float32, N * (1 - ratio) float32, subtraction from the int64 length float64 (the official numpy)."""
+    from tgvkv.policies.blocks import official_decode_forget
+
+    official = (np.array([6]) - 50 * (1 - np.array([0.9], dtype=np.float32))).astype(np.int32)[0]
+    assert official == 0 and official_decode_forget(6, 50, np.float32(0.9)) == 0
+    assert 6 - 50 * (1 - 0.9) == 1.0000000000000009  # float64 would evict here
+    assert float((np.array([6]) - 50 * (1 - np.array([0.9], dtype=np.float32)))[0]) == pytest.approx(0.99999905, abs=1e-8)
+    assert official_decode_forget(7, 50, np.float32(0.9)) == 1
+    assert official_decode_forget(12, 110, np.float32(0.9)) == 0 and int(12 - 110 * (1 - 0.9)) == 1
+    assert rule(0.9, 1).victim(0, torch.full((6,), 1 / 6), 6, 50) is None
+    assert int(rule(0.9, 1).victim(0, torch.tensor([0.2, 0.2, 0.2, 0.2, 0.05, 0.1, 0.05]), 7, 50)) == 4
+    # ratios are stored as float32 by the selection too
+    sel = tgvkv.run_selection("tgv-kv", example_a(), SPANS_A, 0.5)
+    assert sel.info["layer_ratio"].dtype == np.float32

@@ -166,7 +166,8 @@ def _prefill_one(model, processor, item: BatchItem, pol: Policy | None, keep_rat
     L = hf_compat.model_facts(model.config).num_layers
     request = _stat_request(pol, layout, CaptureOptions(diagnostics=False, hidden_states=False))
     rec = Recorder(query_positions=request.query_positions,
-                   column_positions=column_positions(request, layout.text_positions, T))
+                   column_positions=column_positions(request, layout.text_positions, T),
+                   stat_dtype=model.dtype if request.model_dtype else None)
     cache = EvictingCache(config=model.config)
     with torch.inference_mode(), recording(rec):
         out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)

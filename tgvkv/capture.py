@@ -42,6 +42,9 @@ class Recorder:
     column_positions: np.ndarray | None = None
     full_maps: bool = False
     decode: bool = False
+    # statistics as the official eager code computes them for a bf16/fp16 model: scores q.k^T in this dtype, each
+    # head's probabilities rounded to it, their head mean taken in it (None: float32 throughout)
+    stat_dtype: torch.dtype | None = None
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (Q, T) float32
     column_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (len(column_positions),)
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (T, T) float16
@@ -64,7 +67,9 @@ class Recorder:
             colsums[:, self.column_positions] = torch.stack([self.column_sums[l] for l in range(num_layers)]).cpu().numpy()
             mask = np.zeros(seq_len, dtype=bool)
             mask[self.column_positions] = True
-        return PrefillStats(rows=rows, query_positions=self.query_positions, column_sums=colsums, column_mask=mask)
+        dtype = str(self.stat_dtype).replace("torch.", "") if self.stat_dtype is not None else None
+        return PrefillStats(rows=rows, query_positions=self.query_positions, column_sums=colsums, column_mask=mask,
+                            dtype=dtype)
 
     def full_maps_array(self, num_layers: int) -> np.ndarray | None:
         if not self.maps:
@@ -127,11 +132,20 @@ def _allowed(mask: torch.Tensor | None, q_idx: torch.Tensor, q_len: int, kv_len:
 
 
 # -- statistics ------------------------------------------------------------------------------------------------
-def _head_mean_probs(module, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+def _head_mean_probs(module, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float,
+                    stat_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(B, n, S) float32 head-averaged softmax(q k^T * scaling) for the given queries, GQA without repeat_kv.
 
     query: (B, H, n, D); key: (B, H_kv, S, D); allowed: broadcastable to (B, H, n, S).
+    stat_dtype: compute as transformers' eager attention does in that dtype (scores in it, float32 softmax, each
+    head's probabilities cast to it) and take the head mean in it, as the official code's `.mean(0)` does.
     """
+    if stat_dtype is not None:
+        n_rep = query.shape[1] // key.shape[1]
+        k = repeat_kv(key, n_rep).to(stat_dtype)
+        s = torch.matmul(query.to(stat_dtype), k.transpose(2, 3)) * scaling
+        s = s.masked_fill(~allowed, float("-inf"))
+        return torch.softmax(s, dim=-1, dtype=torch.float32).to(stat_dtype).mean(dim=1).float()
     B, H, n, D = query.shape
     h_kv = key.shape[1]
     q = (query.float() * scaling).view(B, h_kv, H // h_kv, n, D)  # (B, H_kv, G, n, D); scaled here (n x D < n x S)
@@ -181,24 +195,31 @@ def _record_prefill(rec: Recorder, module, query, key, attention_mask, scaling, 
         rec.rows[layer] = full[0, q_idx].float()
     else:
         allowed = _allowed(attention_mask, q_idx, T, S)
-        rec.rows[layer] = _head_mean_probs(module, query[:, :, q_idx], key, allowed, scaling)[0]
+        rec.rows[layer] = _head_mean_probs(module, query[:, :, q_idx], key, allowed, scaling, rec.stat_dtype)[0]
     if rec.column_positions is not None:
         cols = torch.as_tensor(rec.column_positions, device=query.device)
         if full is not None:
-            rec.column_sums[layer] = full[0][:, cols].sum(dim=0).float()
+            rec.column_sums[layer] = full[0][:, cols].float().sum(dim=0)
+        elif rec.stat_dtype is not None:  # sums of the rounded head-mean map, chunked over queries
+            total = torch.zeros(len(cols), device=query.device)
+            for s in range(0, T, _CHUNK):
+                q_rows = torch.arange(s, min(T, s + _CHUNK), device=query.device)
+                allowed = _allowed(attention_mask, q_rows, T, S)
+                part = _head_mean_probs(module, query[:, :, q_rows], key, allowed, scaling, rec.stat_dtype)
+                total += part[0][:, cols].sum(dim=0)
+            rec.column_sums[layer] = total
         else:
             if lse is None:
                 lse = _lse_chunked(query, key, attention_mask, scaling)
             rec.column_sums[layer] = _column_sums_with_lse(query, key, lse, cols, scaling, attention_mask)[0]
     if rec.full_maps:
         if full is None:
-            full = torch.cat(
-                [
-                    _head_mean_probs(module, query[:, :, s : s + _CHUNK], key, _allowed(attention_mask, torch.arange(s, min(T, s + _CHUNK), device=query.device), T, S), scaling)
-                    for s in range(0, T, _CHUNK)
-                ],
-                dim=1,
-            )
+            parts = []
+            for s in range(0, T, _CHUNK):
+                q_rows = torch.arange(s, min(T, s + _CHUNK), device=query.device)
+                allowed = _allowed(attention_mask, q_rows, T, S)
+                parts.append(_head_mean_probs(module, query[:, :, q_rows], key, allowed, scaling, rec.stat_dtype))
+            full = torch.cat(parts, dim=1)
         rec.maps[layer] = full[0].half()
 
 
@@ -217,7 +238,8 @@ def _lse_chunked(query, key, mask, scaling) -> torch.Tensor:
 
 def _record_decode(rec: Recorder, module, query, key, attention_mask, scaling, full=None) -> None:
     layer = module.layer_idx
-    if full is None and attention_mask is None:  # one query, no padding: it sees every slot, no mask to apply
+    # one query, no padding: it sees every slot, no mask to apply (a model-dtype row goes the general way)
+    if full is None and attention_mask is None and rec.stat_dtype is None:
         B, H, _, D = query.shape
         h_kv = key.shape[1]
         q = (query[:1].float() * scaling).view(1, h_kv, H // h_kv, D)  # (1, H_kv, G, D)
@@ -226,7 +248,8 @@ def _record_decode(rec: Recorder, module, query, key, attention_mask, scaling, f
         return
     if full is None:
         q_idx = torch.zeros(1, dtype=torch.long, device=query.device)
-        full = _head_mean_probs(module, query, key, _allowed(attention_mask, q_idx, 1, key.shape[2]), scaling)
+        allowed = _allowed(attention_mask, q_idx, 1, key.shape[2])
+        full = _head_mean_probs(module, query, key, allowed, scaling, rec.stat_dtype)
     rec.decode_rows[layer] = full[0, -1].float()
 
 
@@ -240,7 +263,8 @@ def tgvkv_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0,
         attention_mask = _with_key_mask(attention_mask, rec.key_masks[module.layer_idx], q_len, kv_len)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     prefill = rec is not None and q_len > 1 and q_len == kv_len
-    if prefill and rec.column_positions is not None and attention_mask is None and not module.training:
+    fused = rec is not None and rec.column_positions is not None and rec.stat_dtype is None
+    if prefill and fused and attention_mask is None and not module.training:
         out, lse = _sdpa_with_lse(query, key, value, scaling)
         _record_prefill(rec, module, query, key, attention_mask, scaling, lse=lse)
         return out, None
@@ -266,7 +290,8 @@ def tgvkv_eager_attention(module, query, key, value, attention_mask, dropout=0.0
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     out = torch.matmul(probs.to(value.dtype), v).transpose(1, 2).contiguous()
     if rec is not None:
-        full = probs.mean(dim=1)  # (B, q, S)
+        # (B, q, S) head mean; in the model dtype as the official code takes it when asked
+        full = probs.mean(dim=1) if rec.stat_dtype is None else probs.to(rec.stat_dtype).mean(dim=1).float()
         if q_len > 1 and q_len == kv_len:
             _record_prefill(rec, module, query, key, attention_mask, scaling, full=full)
         elif rec.decode and q_len == 1:

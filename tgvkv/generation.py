@@ -66,6 +66,7 @@ class Result:
     trace: Trace
     step_logits: torch.Tensor | None = field(default=None, repr=False)  # (G, V) float32 logits that chose each token
     followup_text: str | None = None
+    followup_step_logits: torch.Tensor | None = field(default=None, repr=False)  # (F, V) float32, follow-up turn
 
 
 # -- layout ------------------------------------------------------------------------------------------------------
@@ -191,6 +192,7 @@ def generate(
         query_positions=request.query_positions,
         column_positions=column_positions(request, layout.text_positions, T),
         full_maps=capture.diagnostics and T <= capture.max_map_tokens,
+        stat_dtype=model.dtype if request.model_dtype else None,
     )
     cache = EvictingCache(config=model.config)
     timings: dict[str, float] = {}
@@ -252,7 +254,7 @@ def generate(
 
     # 4. decode
     rule = _decode_rule(pol, layer_selection, layout, evictable) if pol is not None else None
-    decode_rec = Recorder(decode=rule is not None)
+    decode_rec = Recorder(decode=rule is not None, stat_dtype=recorder.stat_dtype)
     cache.decode_rule, cache.recorder = rule, decode_rec
     t2 = time.perf_counter()
     with torch.inference_mode(), recording(decode_rec):
@@ -277,8 +279,12 @@ def generate(
     if opts.followup:
         t3 = time.perf_counter()
         with torch.inference_mode(), recording(decode_rec):
-            f_ids = _followup(model, processor, cache, prompt_ids, new_ids, question, len(images), trace.output_text, opts, len(videos))
+            f_ids, f_logits = _followup(model, processor, cache, prompt_ids, new_ids, question, len(images),
+                                        trace.output_text, opts, len(videos))
             cache.flush_decode_evictions()
+        log = cache.eviction_log()  # now with the follow-up turn's evictions (steps past the answer)
+        log[:, 0] -= T
+        trace.decode_evictions = log
         timings["followup_s"] = time.perf_counter() - t3
         trace.followup_question = opts.followup
         trace.followup_ids = f_ids.astype(np.int64)
@@ -292,7 +298,8 @@ def generate(
     timings["tokens_per_s"] = n_new / timings["total_s"] if timings["total_s"] > 0 else 0.0
     timings["decode_tokens_per_s"] = (n_new - 1) / timings["decode_s"] if n_new > 1 and timings["decode_s"] > 0 else 0.0
     trace.timings = timings
-    return Result(text=trace.output_text, token_ids=trace.output_ids, trace=trace, step_logits=step_logits, followup_text=trace.followup_text)
+    return Result(text=trace.output_text, token_ids=trace.output_ids, trace=trace, step_logits=step_logits,
+                  followup_text=trace.followup_text, followup_step_logits=f_logits if opts.followup else None)
 
 
 def _select(pol: Policy, stats: PrefillStats, layout: TokenLayout, keep_ratio: float, evictable: np.ndarray) -> tuple[Selection, Selection]:
@@ -311,6 +318,7 @@ def _select(pol: Policy, stats: PrefillStats, layout: TokenLayout, keep_ratio: f
         query_positions=stats.query_positions,
         column_sums=None if stats.column_sums is None else stats.column_sums[idx],
         column_mask=stats.column_mask,
+        dtype=stats.dtype,
     )
     sub = pol.select(sub_stats, layout, keep_ratio)
     L, T = len(evictable), layout.seq_len
@@ -417,8 +425,10 @@ def _teacher_forced(model, cache, first_logits, prompt_ids, tokens: Sequence[int
     return np.asarray(tokens, dtype=np.int64), torch.cat(logits)
 
 
-def _followup(model, processor, cache, prompt_ids, answer_ids, question, n_images, answer_text, opts: RunOptions, n_videos: int = 0) -> np.ndarray:
-    """Append a second user turn after the answer (on the evicted cache) and generate its answer."""
+def _followup(model, processor, cache, prompt_ids, answer_ids, question, n_images, answer_text, opts: RunOptions,
+              n_videos: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    """Append a second user turn after the answer (on the evicted cache) and generate its answer; returns its ids and
+    the (F, V) float32 logits that chose them."""
     suffix = hf_compat.followup_suffix(processor, question, n_images, answer_text, opts.followup, n_videos)
     suffix_ids = processor.tokenizer(suffix, add_special_tokens=False, return_tensors="pt")["input_ids"].to(prompt_ids.device)
     answer = torch.as_tensor(answer_ids, device=prompt_ids.device)[None]
@@ -430,9 +440,11 @@ def _followup(model, processor, cache, prompt_ids, answer_ids, question, n_image
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         past_key_values=cache,
+        return_dict_in_generate=True,
+        output_logits=True,
         **_generation_kwargs(model, opts, opts.followup_max_new_tokens or opts.max_new_tokens),
     )
-    return out[0, ids.shape[1] :].cpu().numpy()
+    return out.sequences[0, ids.shape[1] :].cpu().numpy(), torch.cat([l.float() for l in out.logits])
 
 
 # -- comparisons ---------------------------------------------------------------------------------------------------

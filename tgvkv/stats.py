@@ -24,11 +24,13 @@ class StatRequest:
 
     query_positions: np.ndarray
     column_sums: ColumnSums = "none"
+    model_dtype: bool = False  # statistics in the model's dtype, as the official eager code computes them
 
     def merge(self, other: "StatRequest") -> "StatRequest":
         order = {"none": 0, "text": 1, "all": 2}
         cols = self.column_sums if order[self.column_sums] >= order[other.column_sums] else other.column_sums
-        return StatRequest(np.union1d(self.query_positions, other.query_positions).astype(np.int64), cols)
+        return StatRequest(np.union1d(self.query_positions, other.query_positions).astype(np.int64), cols,
+                           self.model_dtype or other.model_dtype)
 
 
 @dataclass
@@ -39,12 +41,15 @@ class PrefillStats:
     query_positions: (Q,) int64    sorted prompt positions of those queries
     column_sums: (L, T) float or None  sum over all T queries of each key column (causal: only q >= key)
     column_mask: (T,) bool or None  which entries of column_sums were computed (the rest are NaN)
+    dtype: the dtype the head-mean attention was computed in (a StatRequest with model_dtype: "bfloat16", ...; the
+           rows hold values of that dtype, the column sums are float32 sums of them); None: float32 throughout
     """
 
     rows: np.ndarray
     query_positions: np.ndarray
     column_sums: np.ndarray | None = None
     column_mask: np.ndarray | None = None
+    dtype: str | None = None
 
     @property
     def num_layers(self) -> int:

@@ -52,7 +52,9 @@ class Trace:
     output_ids: np.ndarray | None = None  # (G,) int64 generated ids (prompt excluded)
     output_text: str = ""
     output_tokens: list[str] = field(default_factory=list)
-    decode_evictions: np.ndarray | None = None  # (E, 3) int64 rows of (step, layer, prompt-or-generated position)
+    # (E, 3) int64 rows of (step, layer, evicted position); step N - T (N: tokens in the cache before the forward that
+    # the eviction precedes); steps past the answer belong to the follow-up turn
+    decode_evictions: np.ndarray | None = None
     followup_question: str | None = None
     followup_ids: np.ndarray | None = None
     followup_text: str | None = None

@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--metric", default="auto", choices=["auto", "exact", "vqa", "vqa10", "anls"],
                     help="folder task default metric (a line's 'metric' wins); auto: vqa with >= 3 answers, else exact")
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="run seed; a seeded method (random) gets a seed per example "
+                    "derived from it and the example id")
+    ap.add_argument("--seeds", type=int, default=1, help="draws of seeded methods (random): run seeds seed .. "
+                    "seed+N-1; the summary reports their mean and spread (sd, min, max)")
     ap.add_argument("--out", default="results", help="output folder")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the process's accelerate device)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -71,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model:
         print("error: --model is required", file=sys.stderr)
         return 2
+    if args.seeds < 1:
+        print(f"error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
+        return 2
     cfg = EvalConfig(
         model=args.model, out=args.out, task=args.task, methods=args.methods, keeps=args.keep,
         protocols=args.protocols, followup=args.followup, limit=args.limit, split=args.split, metric=args.metric,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device, dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, seeds=args.seeds, device=args.device, dtype=args.dtype,
         device_map=args.device_map, trust_remote_code=args.trust_remote_code, threads=args.threads,
         progress=args.progress, plotly_js=args.plotly_js,
     )

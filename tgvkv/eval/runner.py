@@ -11,6 +11,11 @@ Files in the output folder:
 - ``run.json``: what the rows depend on (model, task, generation settings); a later run with a different one is
   refused, so rows of different configurations never mix.
 
+Seeded methods (`random`): the policy seed of an example is derived from the run seed and the example id
+(:func:`example_seed`), so every example gets its own draw and a run reproduces. ``seeds = N`` evaluates N draws
+(run seeds ``seed .. seed+N-1``); their rows carry ``draw`` 0..N-1, the summary averages the draws and reports their
+spread (``draws``, ``accuracy_sd``, ``accuracy_min``, ``accuracy_max``). Deterministic methods have one draw.
+
 Resume: rows already on disk (any rank file or rows.jsonl) are not recomputed; a torn last line (a process killed
 mid-write) is dropped. The full-KV answer of an example does not depend on the method: it is computed once per
 example (method "full", keep 1.0, protocol "official") and is the reference of every method and protocol.
@@ -45,11 +50,13 @@ REFERENCE = (FULL, 1.0, "official")  # (method, keep, protocol) of the full-KV r
 TURNS = ("first", "followup")
 TIMING_FIELDS = ("prefill_s", "select_s", "decode_s", "followup_s", "tokens_per_s")  # vary run to run
 SUMMARY_COLUMNS = (
-    "method", "keep", "protocol", "turn", "qtype", "n", "accuracy", "ci95", "full_accuracy", "relative_to_full",
+    "method", "keep", "protocol", "turn", "qtype", "n", "accuracy", "ci95", "draws", "accuracy_sd", "accuracy_min",
+    "accuracy_max", "full_accuracy", "relative_to_full",
     "agree_full", "kv_bytes_kept", "kv_bytes_full", "kv_fraction", "new_tokens", "tokens_per_s", "prefill_s",
     "decode_s",
 )
 TIMING_COLUMNS = ("tokens_per_s", "prefill_s", "decode_s")
+POLICY_SEEDS = "per-example"  # seeded methods: example_seed(run seed + draw, example id)
 
 
 @dataclass
@@ -66,6 +73,7 @@ class EvalConfig:
     metric: str = "auto"
     max_new_tokens: int = 48
     seed: int = 0
+    seeds: int = 1  # draws of seeded methods (random), run seeds seed .. seed + seeds - 1
     device: str | None = None
     dtype: str = "auto"
     device_map: str | None = None
@@ -75,9 +83,17 @@ class EvalConfig:
     plotly_js: str = "cdn"
     poll_s: float = 2.0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds must be an integer >= 1 (draws of seeded methods such as random), "
+                             f"got {self.seeds!r}")
+
     def identity(self) -> dict[str, Any]:
-        """What the rows depend on (besides the method/keep/protocol/example of each row)."""
-        return {"max_new_tokens": self.max_new_tokens, "seed": self.seed, "dtype": self.dtype, "followup": self.followup}
+        """What the rows depend on (besides the method/keep/protocol/example/draw of each row). `seeds` is not part
+        of it: more draws extend a folder. policy_seeds names how seeded methods get their seed (rows written before
+        per-example seeds, when every example shared one seed, are refused)."""
+        return {"max_new_tokens": self.max_new_tokens, "seed": self.seed, "dtype": self.dtype,
+                "followup": self.followup, "policy_seeds": POLICY_SEEDS}
 
 
 # -- methods ---------------------------------------------------------------------------------------------------
@@ -134,12 +150,12 @@ def keep_str(keep: float) -> str:
 
 
 def row_key(row: dict) -> tuple:
-    return (row["example_id"], row["method"], keep_str(row["keep"]), row["protocol"], row["turn"])
+    return (row["example_id"], row["method"], keep_str(row["keep"]), row["protocol"], row["turn"], row.get("draw", 0))
 
 
 def row_sort_key(row: dict) -> tuple:
     return (row["example_index"], row["example_id"], row["method"], float(row["keep"]), row["protocol"],
-            TURNS.index(row["turn"]))
+            row.get("draw", 0), TURNS.index(row["turn"]))
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -268,43 +284,62 @@ def clear_results(out: Path) -> None:
 
 
 # -- computing rows ------------------------------------------------------------------------------------------------
-def units_for(examples: Sequence[Example], methods: Sequence[str], keeps: Sequence[float], protocols: Sequence[str]):
-    """Units of work in their deterministic order: per example, the full-KV reference, then method x keep x protocol."""
+def is_seeded(method: str) -> bool:
+    """Whether a method draws random numbers (has a `seed` option): it is evaluated once per draw."""
+    from ..policies import POLICIES
+
+    return method != FULL and "seed" in {f.name for f in dataclasses.fields(POLICIES[method])}
+
+
+def draws_of(method: str, seeds: int) -> int:
+    return seeds if is_seeded(method) else 1
+
+
+def example_seed(run_seed: int, example_id: str) -> int:
+    """Policy seed for one example: the first 4 bytes of sha256("run_seed:example_id"), in [0, 2**32).
+
+    Examples get independent draws (one shared seed made `random` keep the same positions for every prompt of a
+    length), and the same run seed and example always give the same draw."""
+    digest = hashlib.sha256(f"{int(run_seed)}:{example_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def units_for(examples: Sequence[Example], methods: Sequence[str], keeps: Sequence[float], protocols: Sequence[str],
+              seeds: int = 1):
+    """Units of work in their deterministic order: per example, the full-KV reference, then method x keep x protocol
+    x draw (draw 0 only for deterministic methods)."""
     for ex in examples:
-        yield ex, *REFERENCE
+        yield ex, *REFERENCE, 0
         for m in methods:
             for k in keeps:
                 for p in protocols:
-                    yield ex, m, k, p
+                    for d in range(draws_of(m, seeds)):
+                        yield ex, m, k, p, d
 
 
 def unit_turns(ex: Example, followup: bool) -> tuple[str, ...]:
     return TURNS if followup and ex.followup_question else TURNS[:1]
 
 
-def unit_keys(ex: Example, method: str, keep: float, protocol: str, followup: bool) -> list[tuple]:
-    return [(ex.id, method, keep_str(keep), protocol, t) for t in unit_turns(ex, followup)]
+def unit_keys(ex: Example, method: str, keep: float, protocol: str, draw: int, followup: bool) -> list[tuple]:
+    return [(ex.id, method, keep_str(keep), protocol, t, draw) for t in unit_turns(ex, followup)]
 
 
-def policy_options(method: str, seed: int) -> dict[str, Any]:
-    from ..policies import POLICIES
-
-    if method == FULL:
-        return {}
-    names = {f.name for f in dataclasses.fields(POLICIES[method])}
-    return {"seed": seed} if "seed" in names else {}
+def policy_options(method: str, run_seed: int, example_id: str, draw: int = 0) -> dict[str, Any]:
+    """A seeded method's seed for this example and draw (empty for deterministic methods)."""
+    return {"seed": example_seed(run_seed + draw, example_id)} if is_seeded(method) else {}
 
 
 def compute_unit(model, processor, task: Task, ex: Example, method: str, keep: float, protocol: str,
-                 cfg: EvalConfig) -> list[dict]:
+                 cfg: EvalConfig, draw: int = 0) -> list[dict]:
     from ..generation import CaptureOptions, RunOptions, generate
 
     follow = ex.followup_question if (cfg.followup and ex.followup_question) else None
     opts = RunOptions(max_new_tokens=cfg.max_new_tokens, protocol=protocol, seed=cfg.seed, followup=follow)
+    pol_opts = policy_options(method, cfg.seed, ex.id, draw)
     res = generate(
         model, processor, ex.load_images(), ex.question, None if method == FULL else method, keep, options=opts,
-        capture=CaptureOptions(diagnostics=False, hidden_states=False), policy_options=policy_options(method, cfg.seed),
-        model_name=cfg.model,
+        capture=CaptureOptions(diagnostics=False, hidden_states=False), policy_options=pol_opts, model_name=cfg.model,
     )
     tr = res.trace
     t = tr.timings
@@ -314,6 +349,8 @@ def compute_unit(model, processor, task: Task, ex: Example, method: str, keep: f
         "kv_bytes_kept": kv_kept, "kv_bytes_full": kv_full, "kv_fraction": kv_kept / kv_full if kv_full else 1.0,
         "prompt_tokens": int(tr.seq_len),
     }
+    if is_seeded(method):
+        base.update(draw=draw, policy_seed=pol_opts["seed"])
     first = {
         **base, "turn": "first", "qtype": ex.qtype, "question": ex.question, "prediction": res.text,
         "references": list(ex.answers), "metric": ex.metric,
@@ -342,6 +379,21 @@ def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
+def _sd(xs: Sequence[float]) -> float:
+    """Sample standard deviation (n - 1); NaN for fewer than two values."""
+    if len(xs) < 2:
+        return float("nan")
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _by(rows: Iterable[dict], key) -> dict[Any, list[dict]]:
+    out: dict[Any, list[dict]] = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
 def _ci95(xs: Sequence[float]) -> float:
     n = len(xs)
     if n < 2:
@@ -358,6 +410,9 @@ def summarise(rows: Iterable[dict], methods: Sequence[str], keeps: Sequence[floa
     Only rows of the requested methods/keeps/protocols/examples count; the full-KV reference appears as method
     "full", keep 1.0 under every protocol. relative_to_full = accuracy / full-KV accuracy on the same examples;
     agree_full = fraction of examples whose answer equals the full-KV answer (after stripping).
+    Seeded methods evaluated with several draws: n counts examples, accuracy is the mean over every draw (each draw
+    covers the same examples), accuracy_sd / _min / _max describe the spread of the per-draw accuracies, and ci95
+    is computed on the per-example means over the draws.
     """
     ids = set(example_ids) if example_ids is not None else None
     rows = [r for r in rows if ids is None or r["example_id"] in ids]
@@ -386,9 +441,15 @@ def summarise(rows: Iterable[dict], methods: Sequence[str], keeps: Sequence[floa
                 facc = _mean([r["score"] for r in ref]) if len(ref) == len(sel) else float("nan")
                 agree = [r["prediction"].strip() == full[(r["example_id"], turn)]["prediction"].strip()
                          for r in sel if (r["example_id"], turn) in full]
+                per_draw = _by(sel, lambda r: r.get("draw", 0))
+                draw_acc = [_mean([r["score"] for r in per_draw[d]]) for d in sorted(per_draw)]
+                per_example = _by(sel, lambda r: r["example_id"])
+                example_means = [_mean([r["score"] for r in rs]) for rs in per_example.values()]
                 table.append({
-                    "method": method, "keep": keep, "protocol": protocol, "turn": turn, "qtype": q, "n": len(sel),
-                    "accuracy": acc, "ci95": _ci95([r["score"] for r in sel]), "full_accuracy": facc,
+                    "method": method, "keep": keep, "protocol": protocol, "turn": turn, "qtype": q,
+                    "n": len(per_example), "accuracy": acc, "ci95": _ci95(example_means), "draws": len(draw_acc),
+                    "accuracy_sd": _sd(draw_acc), "accuracy_min": min(draw_acc), "accuracy_max": max(draw_acc),
+                    "full_accuracy": facc,
                     "relative_to_full": acc / facc if facc and facc == facc else float("nan"),
                     "agree_full": _mean([float(a) for a in agree]) if len(agree) == len(sel) else float("nan"),
                     "kv_bytes_kept": _mean([r["kv_bytes_kept"] for r in sel]),
@@ -482,14 +543,16 @@ def run(cfg: EvalConfig, summary_only: bool = False, overwrite: bool = False) ->
     examples = task.examples
     mine = examples[rank::world]
     done = set(load_all_rows(out))
-    todo = [u for u in units_for(mine, methods, keeps, protocols)
-            if not all(k in done for k in unit_keys(u[0], u[1], u[2], u[3], cfg.followup))]
-    n_units = len(examples) * (1 + len(methods) * len(keeps) * len(protocols))
+    units = list(units_for(mine, methods, keeps, protocols, cfg.seeds))
+    todo = [u for u in units if not all(k in done for k in unit_keys(*u, cfg.followup))]
+    n_draws = sum(draws_of(m, cfg.seeds) for m in methods)
+    n_units = len(examples) * (1 + n_draws * len(keeps) * len(protocols))
     if main:
-        _log(f"{len(examples)} examples x ({len(methods)} methods x {len(keeps)} budgets x {len(protocols)} protocols "
-             f"+ full KV) = {n_units:,} runs planned; {world} process(es)")
+        draws = f" ({n_draws} method draws: seeded methods x {cfg.seeds} seeds)" if n_draws != len(methods) else ""
+        _log(f"{len(examples)} examples x ({len(methods)} methods{draws} x {len(keeps)} budgets x {len(protocols)} "
+             f"protocols + full KV) = {n_units:,} runs planned; {world} process(es)")
     if todo and not summary_only:
-        _log(f"rank {rank}: {len(todo)} runs to do ({len(mine) * (1 + len(methods) * len(keeps) * len(protocols)) - len(todo)} already on disk)")
+        _log(f"rank {rank}: {len(todo)} runs to do ({len(units) - len(todo)} already on disk)")
         dev = cfg.device if cfg.device else (str(device) if device is not None and not cfg.device_map else None)
         model, processor = load_model(cfg.model, LoadOptions(device=dev, dtype=cfg.dtype, device_map=cfg.device_map,
                                                              trust_remote_code=cfg.trust_remote_code))
@@ -498,9 +561,9 @@ def run(cfg: EvalConfig, summary_only: bool = False, overwrite: bool = False) ->
         bar = _progress(len(todo), cfg.progress, rank, world)
         timed = min(1, len(todo) - 1)  # the second run: the first one also pays for warm-up (kernels, caches)
         with open(path, "a", encoding="utf-8") as f:
-            for i, (ex, method, keep, protocol) in enumerate(todo):
+            for i, (ex, method, keep, protocol, draw) in enumerate(todo):
                 t0 = time.perf_counter()
-                rows = compute_unit(model, processor, task, ex, method, keep, protocol, cfg)
+                rows = compute_unit(model, processor, task, ex, method, keep, protocol, cfg, draw)
                 f.write("".join(dumps_row(r) + "\n" for r in rows))
                 f.flush()
                 os.fsync(f.fileno())
@@ -511,7 +574,8 @@ def run(cfg: EvalConfig, summary_only: bool = False, overwrite: bool = False) ->
         bar.close()
     if not main:
         return []
-    expected = {k for u in units_for(examples, methods, keeps, protocols) for k in unit_keys(*u, cfg.followup)}
+    expected = {k for u in units_for(examples, methods, keeps, protocols, cfg.seeds)
+                for k in unit_keys(*u, cfg.followup)}
     if not summary_only:
         _wait_for_rows(out, expected, cfg.poll_s)
         rows = merge_rows(out)
@@ -520,10 +584,13 @@ def run(cfg: EvalConfig, summary_only: bool = False, overwrite: bool = False) ->
     missing = expected - {row_key(r) for r in rows}
     if missing:
         _log(f"warning: {len(missing)} expected rows are missing; the summary covers what is on disk")
-    table = summarise(rows, methods, keeps, protocols, [e.id for e in examples])
+    wanted = {(e.id, m, d) for e in examples for m in methods for d in range(draws_of(m, cfg.seeds))}
+    rows_now = [r for r in rows if r["method"] == FULL or (r["example_id"], r["method"], r.get("draw", 0)) in wanted]
+    table = summarise(rows_now, methods, keeps, protocols, [e.id for e in examples])
     meta = {
         "model": cfg.model, "task": cfg.task, "task_info": task.info, "methods": methods, "keeps": keeps,
         "protocols": protocols, "followup": cfg.followup, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+        "seeds": cfg.seeds, "policy_seeds": POLICY_SEEDS,
         "n_examples": len(examples), "model_fingerprint": ident["model_fingerprint"],
     }
     write_summary(out, table, meta)

@@ -46,23 +46,52 @@ def tvb_statistic(stats: PrefillStats, layout: TokenLayout) -> np.ndarray:
 
 # -- budgeting -------------------------------------------------------------------------------------------------
 def official_layer_ratios(layer_mass: np.ndarray, keep_ratio: float) -> np.ndarray:
-    """(L,) official forget fractions ratio_l = 1 - L * keep_ratio * r_l with r_l = s_l / sum(s). May be negative."""
+    """(L,) official forget fractions ratio_l = 1 - L * keep_ratio * r_l with r_l = s_l / sum(s). May be negative.
+
+    Computed in float64, returned as float32: the official code stores its ratios as float32 (`.float().numpy()`),
+    and both the prefill forget counts and the decode rule read that float32 value."""
     L = len(layer_mass)
     total = float(layer_mass.sum())
     if not np.isfinite(total) or total <= 0:
         raise ValueError("text->vision attention is zero in every layer: TVB budgets are undefined")
     r = layer_mass / total
-    return 1.0 - L * keep_ratio * r
+    return (1.0 - L * keep_ratio * r).astype(np.float32)
+
+
+def uniform_layer_ratios(num_layers: int, keep_ratio: float) -> np.ndarray:
+    """(L,) float32 ratio_l = 1 - keep_ratio in every layer (the official PRUNE_RATIO), stored as the official does."""
+    return np.full(num_layers, 1.0 - keep_ratio, dtype=np.float32)
 
 
 def official_forget_counts(ratios: np.ndarray, seq_len: int) -> np.ndarray:
-    """(L,) forget_l = max(0, round_half_even(ratio_l * T)) (numpy rounds half to even, like torch.round)."""
-    return np.maximum(0, np.round(ratios * seq_len)).astype(np.int64)
+    """(L,) forget_l = max(0, round_half_even(ratio_l * T)) (numpy rounds half to even, like torch.round).
+
+    As the official `(ratios * seq_lens).round()`: a float32 ratio times the int64 length, multiplied in float64."""
+    return np.maximum(0, np.round(np.asarray(ratios).astype(np.float64) * seq_len)).astype(np.int64)
 
 
 def uniform_forget_counts(num_layers: int, seq_len: int, keep_ratio: float) -> np.ndarray:
     """(L,) the same official forget count in every layer (ratio_l = 1 - keep_ratio)."""
-    return official_forget_counts(np.full(num_layers, 1.0 - keep_ratio), seq_len)
+    return official_forget_counts(uniform_layer_ratios(num_layers, keep_ratio), seq_len)
+
+
+def nothing_to_prune(seq_len: int, keep_ratio: float) -> bool:
+    """Official guard `int(T - T * (1 - PRUNE_RATIO)) <= 0` (Python floats), PRUNE_RATIO = 1 - keep_ratio."""
+    prune = 1.0 - keep_ratio
+    return int(seq_len - seq_len * (1.0 - prune)) <= 0
+
+
+def official_decode_forget(cache_len: int, logical_len: int, ratio: float) -> int:
+    """Decode forget count max(0, trunc(S - N * (1 - ratio))) with the official code's number types.
+
+    Official: `(seq_lens - num_of_token * (1 - self.ratios)).astype(np.int32)`, ratios a float32 array, N a Python
+    int. So `1 - ratio` and `N * (1 - ratio)` are float32 (a Python int does not widen a float32 array), and the
+    subtraction from the int64 lengths is float64. In float64 throughout, a whole-number N * (1 - ratio) (one
+    evictable layer or uniform ratios at keep 0.1 / 0.05) can come out just above the whole number and evict one
+    token more than the official code: e.g. S = 12, N = 110, ratio 0.9 gives 1.0000000000000018 in float64 but
+    0.99999714 with the float32 ratio (0.9 stored as 0.89999998)."""
+    kept_share = np.float32(logical_len) * (np.float32(1.0) - np.float32(ratio))  # float32 arithmetic
+    return max(0, int(np.float64(cache_len) - np.float64(kept_share)))
 
 
 # -- retention -------------------------------------------------------------------------------------------------

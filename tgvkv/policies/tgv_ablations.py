@@ -1,7 +1,7 @@
 """The ablations of TGV-KV (arXiv 2606.03075, ablation table: LLaVA-1.5, 5% retention) as compositions of blocks.
 
 `TGVAblation` is TGV-KV's official skeleton (4 sinks and the last prompt token always kept, window 4..T-2,
-forget_l = round_half_even(ratio_l * T), nothing evicted when (1 - keep_ratio) * T < 1, official decode rule) with
+forget_l = round_half_even(ratio_l * T), nothing evicted when int(T - T * keep_ratio) <= 0, official decode rule) with
 its three components made options:
 
 budget       "tvb"      TVB: ratio_l = 1 - L * keep_ratio * s_l / sum(s), s_l = sum of text->vision attention
@@ -130,12 +130,12 @@ class TGVAblation(Policy):
         ti = blocks.text_to_vision(stats, layout)  # (L, Q, V)
         scores, info = self._scores(stats, layout, ti)
         mass = ti.sum(axis=(1, 2))  # TVB statistic s_l (reported for every variant)
-        if (1.0 - keep_ratio) * T < 1:  # official: nothing to prune
-            ratios = np.zeros(L)
+        if blocks.nothing_to_prune(T, keep_ratio):  # official: nothing to prune
+            ratios = np.zeros(L, dtype=np.float32)
         elif self.budget == "tvb":
             ratios = blocks.official_layer_ratios(mass, keep_ratio)
         else:
-            ratios = np.full(L, 1.0 - keep_ratio)
+            ratios = blocks.uniform_layer_ratios(L, keep_ratio)
         forget = blocks.official_forget_counts(ratios, T)
         window = blocks.official_window(T, self.sinks)
         kept = [blocks.evict_lowest(scores[l], window, int(forget[l]), T) for l in range(L)]
