@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from . import hf_compat
-from .validation import check_model_folder, check_model_name
+from .validation import check_model_config, check_model_files, check_model_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "assets" / "demo-vlm"
@@ -74,11 +74,12 @@ def load_model(name_or_path: str | Path, options: LoadOptions = LoadOptions()) -
     if not name.strip():
         raise ValueError("no model given")
     check_model_name(name)  # a local model folder or a well-formed hub id, before transformers guesses
-    if Path(name).expanduser().is_dir():  # weights complete, tokenizer present, architecture known: before loading
+    local = Path(name).expanduser() if Path(name).expanduser().is_dir() else None
+    if local is not None:  # a readable config of an architecture transformers knows, before transformers reads it
         import transformers
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-        check_model_folder(Path(name).expanduser(), CONFIG_MAPPING_NAMES, options.trust_remote_code,
+        check_model_config(local, CONFIG_MAPPING_NAMES, options.trust_remote_code,
                            f"transformers {transformers.__version__}")
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
@@ -88,6 +89,8 @@ def load_model(name_or_path: str | Path, options: LoadOptions = LoadOptions()) -
     try:
         # no image token / text config: say so before transformers' list of AutoModel classes (and before the weights)
         hf_compat.model_facts(AutoConfig.from_pretrained(name, trust_remote_code=options.trust_remote_code))
+        if local is not None:
+            check_model_files(local)  # weights complete, tokenizer and image processor present: before reading them
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=options.trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
     except OSError as e:

@@ -125,16 +125,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
-def check_model_folder(folder: str | Path, known_model_types: Collection[str], trust_remote_code: bool = False,
+def check_model_config(folder: str | Path, known_model_types: Collection[str], trust_remote_code: bool = False,
                        library: str = "transformers") -> None:
-    """Refuse a local model folder that cannot load, naming the folder and the problem, before any weights are read:
-    config.json unreadable or of an unknown architecture, weights missing or truncated (safetensors headers and
-    sizes, every shard of an index), no tokenizer, no image processor configuration."""
+    """Refuse a local model folder whose config.json is unreadable or names an unknown architecture (the message
+    names the folder and the problem); see `check_model_files` for the rest of the folder."""
     folder = Path(folder)
-
-    def refuse(problem: str) -> ValueError:
-        return ValueError(f"could not load local folder {str(folder)!r}: {problem}")
-
+    refuse = _refuser(folder)
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -148,12 +144,23 @@ def check_model_folder(folder: str | Path, known_model_types: Collection[str], t
         hint = ("the folder ships its own code: pass --trust-remote-code if you trust it" if config.get("auto_map")
                 else "a newer transformers may know it")
         raise refuse(f"unknown architecture: model_type {model_type!r} is not known to this {library} ({hint})")
+
+
+def check_model_files(folder: str | Path) -> None:
+    """Refuse a local model folder that cannot load, before any weights are read: weights missing or truncated
+    (safetensors headers and sizes, every shard of an index), no tokenizer, no image processor configuration."""
+    folder = Path(folder)
+    refuse = _refuser(folder)
     _check_weights(folder, refuse)
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise refuse(f"no tokenizer inside (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer files from "
                      "the original model")
     if not any((folder / f).is_file() for f in PROCESSOR_FILES):
         raise refuse(f"no image processor configuration inside ({' or '.join(PROCESSOR_FILES)})")
+
+
+def _refuser(folder: Path) -> Any:
+    return lambda problem: ValueError(f"could not load local folder {str(folder)!r}: {problem}")
 
 
 def _check_weights(folder: Path, refuse: Any) -> None:
