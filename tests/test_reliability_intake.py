@@ -222,3 +222,49 @@ def _images_in(fig: dict) -> list:
     found = [t.get("z") for t in doc.get("data", []) if t.get("type") == "image"]
     assert found, "no overlay image in the figure"
     return found
+
+
+def test_image_input_passes_the_file_on_untouched(env, tmp_path):
+    """ImageInput's value is the uploaded file itself (no re-encoding); a data: URL is stored byte for byte."""
+    import base64
+
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    from tgvkv.webapp.components import ImageInput
+
+    component = ImageInput(type="filepath")
+    path = env["files"]["rgba_half_transparent.png"]
+    assert component.preprocess(ImageData(path=str(path), orig_name=path.name)) == str(path)
+    assert component.preprocess(None) is None
+    data = path.read_bytes()
+    stored = component.preprocess(ImageData(url="data:image/png;base64," + base64.b64encode(data).decode()))
+    assert Path(stored).read_bytes() == data and Path(stored).is_relative_to(component.GRADIO_CACHE)
+    with pytest.raises(gr.Error) as info:
+        component.preprocess(ImageData(url="data:image/png;base64,@@not base64@@"))
+    assert info.value.message == "the image data URL is not valid base64 (expected data:image/...;base64,...)"
+
+
+def test_checked_sliders_describe_their_range_in_the_api(api):
+    info = api.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    keep = next(p for p in info["/compare"]["parameters"] if p["parameter_name"] == "keep_percent")
+    assert keep["type"]["description"] == "percent of the KV cache kept, 5 to 100"
+    layer = next(p for p in info["/overlay"]["parameters"] if p["parameter_name"] == "layer")
+    assert layer["type"]["description"] == "layer index, 0 to the model's number of layers - 1 (checked against the run)"
+
+
+def test_checked_slider_gives_the_page_the_same_props_as_a_slider():
+    """The browser builds the slider from get_config(): range and value must arrive (not the front-end's defaults)."""
+    import gradio as gr
+
+    from tgvkv.webapp.components import CheckedSlider
+
+    with gr.Blocks():
+        checked = CheckedSlider(5, 100, value=10, step=1, label="keep", api_description="percent")
+        plain = gr.Slider(5, 100, value=10, step=1, label="keep")
+    a, b = checked.get_config(), plain.get_config()
+    assert (a["minimum"], a["maximum"], a["value"], a["step"]) == (5, 100, 10, 1)
+    assert "api_description" not in a
+    assert {k: v for k, v in a.items() if k not in ("_id", "id", "key", "name")} == {
+        k: v for k, v in b.items() if k not in ("_id", "id", "key", "name")}
+    assert checked.preprocess("lots") == "lots" and checked.preprocess(250) == 250  # the handler decides

@@ -65,12 +65,18 @@ class CheckedSlider(gr.Slider):
     """`gr.Slider` whose value reaches the handler unchecked: the handler validates it (with its own message) against
     what it refers to, e.g. a layer index against the run's number of layers, whatever range the page shows."""
 
-    def __init__(self, *args: Any, api_description: str | None = None, **kwargs: Any):
-        self.api_description = api_description
-        super().__init__(*args, **kwargs)
+    def __init__(self, minimum: float = 0, maximum: float = 100, value: float | None = None, *,
+                 api_description: str | None = None, **kwargs: Any):
+        self.api_description = api_description  # replaces "numeric value between <min> and <max>" in the API docs
+        super().__init__(minimum, maximum, value, **kwargs)
 
     def get_block_name(self) -> str:  # use the built-in slider front-end
         return "slider"
+
+    def get_config(self, cls: type | None = None) -> dict[str, Any]:
+        # Gradio reads the page's props from the signature of the class's __init__: use gr.Slider's (value, minimum,
+        # maximum, ...), not this one's (*args, **kwargs), or the page gets a slider at its defaults
+        return super().get_config(cls or gr.Slider)
 
     def preprocess(self, payload: Any) -> Any:
         return payload
