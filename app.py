@@ -19,7 +19,9 @@ except ImportError:
 import gradio as gr  # noqa: E402
 
 from tgvkv.webapp import models  # noqa: E402
-from tgvkv.webapp.components import ImageInput  # noqa: E402
+from tgvkv.images import MAX_FILE_BYTES  # noqa: E402
+from tgvkv.loading import resolve_device  # noqa: E402
+from tgvkv.webapp.components import CheckedSlider, ImageInput  # noqa: E402
 from tgvkv.webapp.examples import EXAMPLES_DIR, PHOTO_PANEL_LABEL, SCENE_PANEL_LABEL, load_examples  # noqa: E402
 from tgvkv.webapp.handlers import (  # noqa: E402
     DEFAULT_KEEP_PERCENT,
@@ -31,9 +33,11 @@ from tgvkv.webapp.handlers import (  # noqa: E402
     method_choices,
 )
 
-MAX_UPLOAD = "10mb"
+MAX_UPLOAD = f"{MAX_FILE_BYTES // 2**20}mb"  # the CLI refuses larger image files with the same limit
 STATE_TTL_S = 3600
 MAX_SESSIONS = 200  # sessions whose run state is kept in memory (oldest dropped first)
+#: layer sliders start with maximum 1 and get the model's range from /diagnostics; the handlers check any value
+LAYER_API = "layer index, 0 to the model's number of layers - 1 (checked against the run)"
 
 CSS = """
 .gradio-container {max-width: 1500px !important}
@@ -82,11 +86,13 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
                                     info="bundled demo, a hub id (needs network)"
                                     + (", or a local folder" if policy.allow_local else ""), elem_id="model")
                 method = gr.Dropdown(method_choices(), value="tgv-kv", label="Eviction method", elem_id="method")
-                keep = gr.Slider(*KEEP_PERCENT_RANGE, value=DEFAULT_KEEP_PERCENT, step=1, elem_id="keep",
-                                 label="Keep ratio: % of the KV cache kept",
-                                 info="changing it (or the method) re-runs the comparison")
-                max_new = gr.Slider(1, MAX_NEW_TOKENS_UI, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="Max new tokens",
-                                    elem_id="max-new")
+                keep = CheckedSlider(*KEEP_PERCENT_RANGE, value=DEFAULT_KEEP_PERCENT, step=1, elem_id="keep",
+                                     label="Keep ratio: % of the KV cache kept",
+                                     info="changing it (or the method) re-runs the comparison",
+                                     api_description="percent of the KV cache kept, %g to %g" % KEEP_PERCENT_RANGE)
+                max_new = CheckedSlider(1, MAX_NEW_TOKENS_UI, value=DEFAULT_MAX_NEW_TOKENS, step=1,
+                                        label="Max new tokens", elem_id="max-new",
+                                        api_description=f"whole number from 1 to {MAX_NEW_TOKENS_UI}")
                 run_btn = gr.Button("Run full vs evicted", variant="primary", elem_id="run")
                 scene_rows = [[e.path.as_posix(), e.question, models.DEMO] for e in load_examples("scene")]
                 photo_rows = [[e.path.as_posix(), e.question] for e in load_examples("photo")]
@@ -113,7 +119,8 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
         with gr.Tabs():
             with gr.Tab("Retained patches", id="overlay"):
                 with gr.Row():
-                    overlay_layer = gr.Slider(0, 1, value=0, step=1, label="Overlay layer", elem_id="overlay-layer")
+                    overlay_layer = CheckedSlider(0, 1, value=0, step=1, label="Overlay layer", elem_id="overlay-layer",
+                                                  api_description=LAYER_API)
                     overlay_mode = gr.Radio(["layer", "all layers"], value="layer", label="Show",
                                             info="kept patches of one layer, or how many layers keep each patch")
                 overlay_img = gr.Image(type="pil", label="Retained patches", format="png", height=480,
@@ -123,7 +130,8 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
                 budgets_plot = gr.Plot(elem_id="budgets-plot", label="budgets")
                 budgets_caption = gr.Markdown(elem_classes="caption", label="budgets caption")
             with gr.Tab("Attention map", id="attention"):
-                attn_layer = gr.Slider(0, 1, value=0, step=1, label="Attention layer", elem_id="attention-layer")
+                attn_layer = CheckedSlider(0, 1, value=0, step=1, label="Attention layer", elem_id="attention-layer",
+                                           api_description=LAYER_API)
                 attn_plot = gr.Plot(elem_id="attention-plot", label="attention map")
                 attn_caption = gr.Markdown(elem_classes="caption", label="attention caption")
             with gr.Tab("Cosine neighbours", id="neighbours"):
@@ -148,7 +156,8 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
                     cmp_a = gr.Dropdown(method_choices(), value="tgv-kv", label="Method A")
                     cmp_b = gr.Dropdown(method_choices(), value="h2o" if "h2o" in dict(method_choices()).values()
                                         else "random", label="Method B")
-                    cmp_layer = gr.Slider(0, 1, value=0, step=1, label="Layer for the overlays", elem_id="compare-layer")
+                    cmp_layer = CheckedSlider(0, 1, value=0, step=1, label="Layer for the overlays",
+                                              elem_id="compare-layer", api_description=LAYER_API)
                 cmp_btn = gr.Button("Compare the two methods", elem_id="compare-run")
                 cmp_md = gr.Markdown(elem_classes="caption", label="comparison table")
                 cmp_plot = gr.Plot(elem_id="compare-plot", label="comparison overlays")
@@ -213,13 +222,20 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, sh
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     on_spaces = bool(os.environ.get("SPACE_ID"))
     policy = models.ModelPolicy(default_model=args.model, allow_local=args.allow_local_models,
                                 trust_remote_code=args.trust_remote_code, device=args.device, dtype=args.dtype)
-    if args.preload or on_spaces:
-        models.get_model(args.model, policy)  # ZeroGPU wants weights placed at start-up, outside GPU functions
+    try:  # the operator's settings are checked before serving: exit 2 with the reason, no traceback
+        resolve_device(args.device)
+        if args.concurrency < 1:
+            raise ValueError(f"--concurrency must be at least 1, got {args.concurrency}")
+        if args.preload or on_spaces:
+            models.get_model(args.model, policy)  # ZeroGPU wants weights placed at start-up, outside GPU functions
+    except ValueError as e:
+        parser.error(str(e))
     demo = build_ui(policy, args.concurrency)
     launch(demo, "0.0.0.0" if on_spaces else args.host, args.port, args.share, args.concurrency)
 

@@ -203,13 +203,14 @@ class BudgetData:
     n_text: int
     n_vision: int
     uniform: float  # keep_ratio * T, the budget of a uniform allocation
+    never_evicted: np.ndarray | None = None  # (L,) bool: layers the engine never evicts (Gemma 3's sliding window)
 
 
 def compute_budgets(traces: Sequence[Trace]) -> BudgetData:
     vis = traces[0].layout.is_vision
     counts = np.stack([A.kept_by_modality(_kept(t), vis) for t in traces])  # (M, L, 2)
     return BudgetData(_names(traces), counts[..., 0], counts[..., 1], traces[0].seq_len, int((~vis).sum()),
-                      int(vis.sum()), traces[0].keep_ratio * traces[0].seq_len)
+                      int(vis.sum()), traces[0].keep_ratio * traces[0].seq_len, ~traces[0].evictable_layers())
 
 
 # -- 6. comparison -------------------------------------------------------------------------------------------------------

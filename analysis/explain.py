@@ -46,10 +46,20 @@ def overlay(d: OverlayData) -> str:
 
 def budgets(d: BudgetData) -> str:
     total = d.text[0] + d.vision[0]
-    hi = int(np.argmax(total))
-    full_text = int(np.sum(d.text[0] == d.n_text))
-    return (f"{d.methods[0]} budgets range {total.min()}–{total.max()} tokens (uniform {d.uniform:.0f}); "
-            f"layer {hi} gets most; {full_text}/{len(total)} layers keep all text")
+    never = d.never_evicted if d.never_evicted is not None else np.zeros(len(total), dtype=bool)
+    evicted = np.flatnonzero(~never) if (~never).any() else np.arange(len(total))
+    hi = int(evicted[np.argmax(total[evicted])])
+    full_text = int(np.sum(d.text[0][evicted] == d.n_text))
+    text = (f"{d.methods[0]} budgets range {total[evicted].min()}–{total[evicted].max()} tokens (uniform "
+            f"{d.uniform:.0f}); layer {hi} gets most; {full_text}/{len(evicted)} layers keep all text")
+    if never.any():
+        text += f"; {never.sum()} of {len(total)} layers are never evicted (grey: {_layer_list(np.flatnonzero(never))})"
+    return text
+
+
+def _layer_list(layers: np.ndarray, most: int = 8) -> str:
+    shown = ", ".join(str(int(l)) for l in layers[:most])
+    return shown + (f", … ({len(layers) - most} more)" if len(layers) > most else "")
 
 
 def comparison(d: ComparisonData) -> str:

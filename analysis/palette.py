@@ -24,6 +24,7 @@ KEPT = OKABE_ITO["bluish_green"]
 EVICTED = "#8C8C8C"  # neutral grey, never used for data series
 HIGHLIGHT = OKABE_ITO["vermillion"]
 BOUNDARY = OKABE_ITO["black"]
+NEVER_EVICTED = "#B0B0B0"  # background band behind layers the engine never evicts (Gemma 3's sliding window)
 MODALITY = {"text": TEXT, "vision": VISION}
 #: series colours for compared methods (first = the trace's own method), distinct from TEXT / VISION
 METHODS = [OKABE_ITO[k] for k in ("bluish_green", "reddish_purple", "sky_blue", "vermillion", "black", "yellow")]

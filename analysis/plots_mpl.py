@@ -180,9 +180,14 @@ def plot_budgets(d: BudgetData) -> Figure:
     ax.axhline(d.uniform, color=palette.BOUNDARY, ls="--", lw=2)
     ax.axhline(d.n_text, color=palette.TEXT, ls=":", lw=2.5)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    never = np.flatnonzero(d.never_evicted) if d.never_evicted is not None else []
+    for layer in never:  # layers that keep everything by construction, behind the bars
+        ax.axvspan(layer - 0.45, layer + 0.45, color=palette.NEVER_EVICTED, alpha=0.45, lw=0, zorder=0)
     handles = [Patch(color=palette.TEXT, label="text kept"), Patch(color=palette.VISION, label="vision kept"),
                Line2D([], [], color=palette.BOUNDARY, ls="--", label=f"uniform budget ({d.uniform:.0f})"),
                Line2D([], [], color=palette.TEXT, ls=":", lw=2.5, label=f"all text ({d.n_text})")]
+    if len(never):
+        handles.append(Patch(color=palette.NEVER_EVICTED, alpha=0.45, label="never evicted (own window)"))
     handles += [Patch(facecolor="white", edgecolor=palette.method_colour(m), lw=2, hatch=None if m == 0 else "//",
                       label=name) for m, name in enumerate(d.methods)] if M > 1 else []
     ax.legend(handles=handles, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))

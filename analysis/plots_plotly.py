@@ -137,6 +137,13 @@ def plot_budgets(d: BudgetData) -> go.Figure:
                   annotation_text=f"uniform budget {d.uniform:.0f}")
     fig.add_hline(y=d.n_text, line=dict(color=palette.TEXT, dash="dot", width=2), annotation_text=f"all text {d.n_text}",
                   annotation_position="bottom right")
+    never = np.flatnonzero(d.never_evicted) if d.never_evicted is not None else []
+    for layer in never:  # layers that keep everything by construction
+        fig.add_vrect(x0=layer - 0.45, x1=layer + 0.45, fillcolor=palette.NEVER_EVICTED, opacity=0.45, line_width=0,
+                      layer="below")
+    if len(never):
+        fig.add_trace(go.Bar(x=[None], y=[None], name="never evicted (own window)", marker_color=palette.NEVER_EVICTED,
+                             opacity=0.45, hoverinfo="skip"))
     fig.update_layout(barmode="group", xaxis_title="layer", yaxis_title="kept prompt tokens")
     return _finish(fig, explain.budgets(d), 520)
 

@@ -176,7 +176,7 @@ def test_readme_python_block_runs(clone):
 
 def test_readme_command_lines_run(clone):
     """Every command of the bash blocks, in order, in the copy; the repository's own results stay untouched."""
-    from tgvkv.eval.runner import available_methods
+    from tgvkv.eval.runner import available_methods, draws_of
 
     ran = []
     for c in parse()[1]:
@@ -206,9 +206,12 @@ def test_readme_command_lines_run(clone):
     ev_argv, ev = find("-m", "tgvkv.eval", "--model", "assets/demo-vlm")
     out = clone / ev_argv[ev_argv.index("--out") + 1]
     assert out.resolve() != (clone / "results" / "demo").resolve(), "the README's evaluation overwrites results/demo"
-    n_methods = len(available_methods())
-    assert f"1 examples x ({n_methods} methods x 1 budgets x 1 protocols + full KV) = {n_methods + 1} runs planned" \
-        in ev.stderr
+    methods = available_methods()
+    seeds = int(ev_argv[ev_argv.index("--seeds") + 1]) if "--seeds" in ev_argv else 1
+    n_draws = sum(draws_of(m, seeds) for m in methods)
+    draws = f" ({n_draws} method draws: seeded methods x {seeds} seeds)" if n_draws != len(methods) else ""
+    assert f"1 examples x ({len(methods)} methods{draws} x 1 budgets x 1 protocols + full KV) = {n_draws + 1} runs " \
+        "planned" in ev.stderr
     assert re.search(r"one run took \d+\.\d\d s here: about \d+ (s|min) for the \d+ runs left \(estimate\)", ev.stderr)
     assert (out / "summary.csv").is_file()
     assert "### first question, official protocol" in find("-m", "tgvkv.eval.report")[1].stdout

@@ -7,9 +7,10 @@ __all__ = ["select", "layer_budgets", "run_selection", "POLICIES", "Policy", "Se
 
 __version__ = "0.1.0"
 
+from .images import load_image_file as load_image  # noqa: E402
 from .generation import CaptureOptions, Comparison, Result, RunOptions, compare, generate  # noqa: E402
 from .loading import LoadOptions, load_demo_model, load_model  # noqa: E402
 from .trace import Trace  # noqa: E402
 
 __all__ += ["generate", "compare", "Result", "Comparison", "RunOptions", "CaptureOptions", "Trace", "load_model",
-            "load_demo_model", "LoadOptions"]
+            "load_demo_model", "LoadOptions", "load_image"]

@@ -31,6 +31,7 @@ from . import hf_compat
 from .cache import EvictingCache
 from .capture import Recorder, recording
 from .generation import CaptureOptions, _eos_ids, _select, _stat_request, _sync, build_layout, validate_question
+from .images import normalise_image
 from .policies import Policy, check_keep_ratio, make_policy
 from .stats import column_positions
 
@@ -158,7 +159,7 @@ def pack_caches(caches: Sequence[EvictingCache], extra: int) -> tuple[list[Padde
 # -- generation ----------------------------------------------------------------------------------------------------
 def _prefill_one(model, processor, item: BatchItem, pol: Policy | None, keep_ratio: float, device):
     """Batch-1 prefill + selection + eviction, as the engine does (diagnostics off). Returns (cache, logits, T, kept)."""
-    images = list(item.images)
+    images = [normalise_image(im) for im in item.images]  # the same intake as generate (tgvkv.images)
     prompt = hf_compat.render_prompt(processor, item.question, len(images))
     inputs = hf_compat.process_inputs(processor, images, prompt, device, model.dtype)
     layout = build_layout(model.config, processor, inputs["input_ids"], inputs, images)

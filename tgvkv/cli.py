@@ -6,9 +6,12 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import cli_unexpected_message
 from .images import load_image_file
 from .policies import check_keep_ratio, make_policy
-from .validation import validate_question
+from .validation import check_output_path, validate_question
+
+TRACE_SUFFIXES = (".npz", ".json")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     run.add_argument("--trace", default=None, help="write the evicted run's trace here (.npz or .json)")
     run.add_argument("--full-trace", default=None, help="write the full-KV run's trace here (.npz or .json)")
-    run.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+    run.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                     help="print a JSON summary instead of text, or write it to FILE (.json)")
     run.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run (off by default)")
     sub.add_parser("methods", help="list the registered eviction policies")
     return p
@@ -37,6 +41,7 @@ def _summary(cmp) -> dict:
     full, ev = cmp.full.trace, cmp.evicted.trace
     return {
         "model": ev.model,
+        "images": [{"size": list(size), "sha256": h} for size, h in zip(ev.layout.image_sizes, ev.image_sha256)],
         "method": ev.method,
         "keep_ratio": ev.keep_ratio,
         "prompt_tokens": ev.seq_len,
@@ -69,7 +74,40 @@ def _print_text(s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 refused before anything ran (the message names the problem), 1 unexpected failure
+    (one line with an error id; the traceback is saved to a file)."""
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except Exception as e:  # a bug or an environment failure: no traceback on the user's terminal
+        command = "python -m tgvkv " + " ".join(sys.argv[1:] if argv is None else argv)
+        print("error: " + cli_unexpected_message(e, command), file=sys.stderr)
+        return 1
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Everything the run command can check before the model is loaded; ValueError names the problem."""
+    from .loading import resolve_device
+
+    validate_question(args.question)
+    if args.followup:
+        validate_question(args.followup, what="follow-up question")
+    make_policy(args.method)
+    check_keep_ratio(args.keep)
+    resolve_device(args.device)
+    outputs = [(args.trace, TRACE_SUFFIXES, "--trace"), (args.full_trace, TRACE_SUFFIXES, "--full-trace"),
+               (None if args.json in (None, "-") else args.json, (".json",), "--json")]
+    written: dict[Path, str] = {}
+    for path, suffixes, what in outputs:
+        if path is None:
+            continue
+        resolved = check_output_path(path, suffixes, what).resolve()
+        if resolved in written:
+            raise ValueError(f"{written[resolved]} and {what} name the same file {str(path)!r}")
+        written[resolved] = what
+
+
+def _run(args: argparse.Namespace) -> int:
     from . import POLICIES, CaptureOptions, LoadOptions, RunOptions, compare, load_model
     from .loading import DEMO_MODEL_DIR
 
@@ -80,12 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         # everything that needs no model is checked before the (possibly large) model is loaded
-        validate_question(args.question)
-        if args.followup:
-            validate_question(args.followup, what="follow-up question")
+        check_run_args(args)
         options = RunOptions(max_new_tokens=args.max_new_tokens, protocol=args.protocol, followup=args.followup)
-        make_policy(args.method)
-        check_keep_ratio(args.keep)
         images = [load_image_file(p) for p in args.image]
         model_name = args.model or str(DEMO_MODEL_DIR)
         load_options = LoadOptions(args.device, args.dtype, trust_remote_code=args.trust_remote_code)
@@ -98,14 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = _summary(cmp)
-    if args.trace:
-        cmp.evicted.trace.save(args.trace)
-    if args.full_trace:
-        cmp.full.trace.save(args.full_trace)
-    if args.json:
+    if args.json == "-":
         print(json.dumps(summary, indent=2))
     else:
         _print_text(summary)
-        if args.trace:
-            print(f"trace written to {Path(args.trace)}")
+    written = []
+    for path, trace in ((args.trace, cmp.evicted.trace), (args.full_trace, cmp.full.trace)):
+        if path:
+            written.append(trace.save(Path(path).expanduser()))
+    if args.json not in (None, "-"):
+        Path(args.json).expanduser().write_text(json.dumps(summary, indent=2))
+        written.append(Path(args.json))
+    if args.json != "-":
+        for path in written:
+            print(f"written: {path}")
     return 0

@@ -19,6 +19,7 @@ from . import hf_compat
 from .cache import EvictingCache
 from .capture import Recorder, recording
 from .geometry import resolve_geometry
+from .images import normalise_image, pixel_sha256
 from .layout import TokenLayout, contiguous_runs
 from .policies import Policy, Selection, check_keep_ratio, make_policy
 from .policies.base import DecodeRule
@@ -144,6 +145,22 @@ def _versions() -> dict[str, str]:
 
 
 # -- the engine ----------------------------------------------------------------------------------------------------
+def check_request(processor: Any, images: Sequence[Image.Image], question: str, policy: str | Policy | None,
+                  keep_ratio: float, options: RunOptions, policy_options: dict[str, Any] | None = None
+                  ) -> tuple[list[Image.Image], float, Policy | None]:
+    """Everything about a request that can be checked without the model: (normalised images, keep ratio, policy).
+
+    Images go through `tgvkv.images.normalise_image` (RGB, EXIF orientation, alpha on white, 16-bit scaled, size
+    bounds), the same intake as the CLI and the app. Raises ValueError naming the problem.
+    """
+    validate_question(question, processor)
+    if options.followup:
+        validate_question(options.followup, processor, what="follow-up question")
+    keep = check_keep_ratio(keep_ratio) if policy is not None else 1.0
+    pol = make_policy(policy, **(policy_options or {})) if policy is not None else None
+    return [normalise_image(im) for im in images], keep, pol
+
+
 def generate(
     model: torch.nn.Module,
     processor: Any,
@@ -170,12 +187,7 @@ def generate(
     """
     opts = options or RunOptions(max_new_tokens=max_new_tokens)
     capture = capture or CaptureOptions()
-    validate_question(question, processor)
-    if opts.followup:
-        validate_question(opts.followup, processor, what="follow-up question")
-    images = list(images)
-    keep_ratio = check_keep_ratio(keep_ratio) if policy is not None else 1.0
-    pol = make_policy(policy, **(policy_options or {})) if policy is not None else None
+    images, keep_ratio, pol = check_request(processor, images, question, policy, keep_ratio, opts, policy_options)
     facts = hf_compat.model_facts(model.config)
     if not hf_compat.capture_enabled(model):
         hf_compat.enable_capture(model)
@@ -237,6 +249,7 @@ def generate(
         versions=_versions(),
         device=str(device),
         dtype=str(model.dtype).replace("torch.", ""),
+        image_sha256=[pixel_sha256(im) for im in images],
         budgets=selection.budgets,
         kept_mask=selection.kept_mask(T),
         scores=selection.scores.astype(np.float32),
@@ -472,6 +485,7 @@ def compare(
 ) -> Comparison:
     """Run full KV and `policy` on the same input; also the per-step divergence of the evicted model from the full one."""
     opts = options or RunOptions(max_new_tokens=max_new_tokens)
+    images = check_request(processor, images, question, policy, keep_ratio, opts, policy_options)[0]  # before any run
     common = dict(options=opts, capture=capture, model_name=model_name)
     full = generate(model, processor, images, question, None, 1.0, **common)
     evicted = generate(model, processor, images, question, policy, keep_ratio, policy_options=policy_options, **common)

@@ -1,6 +1,12 @@
-"""Image intake shared by the CLI, the app and the evaluator: open, validate, normalise to RGB, bound the size."""
+"""Image intake shared by the CLI, the app, the Python API and the figures command: open, validate, normalise to RGB.
+
+Every entry point hands the file (path or bytes) to `load_image_file` / `load_image_bytes`, and `generate` passes
+every image through `normalise_image`, so a file gives the model the same pixels whichever way it arrives
+(`pixel_sha256` is recorded in each trace to show it).
+"""
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -11,6 +17,14 @@ MAX_SIDE = 2048  # longer side above this is downscaled (aspect kept) before pre
 MAX_PIXELS = 64_000_000  # refuse anything larger outright (decompression-bomb guard)
 MIN_SIDE = 2
 MAX_ASPECT = 20  # longer side / shorter side: processors that resize the short edge would blow up a 2048x2 strip
+MAX_FILE_BYTES = 10 * 2**20  # image files above this are refused before reading (the app's upload limit, "10mb")
+
+
+def pixel_sha256(image: Image.Image) -> str:
+    """SHA-256 of an image's mode, size and raw pixels: equal hashes mean the model was given the same pixels."""
+    h = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
 
 
 def normalise_image(image: Image.Image) -> Image.Image:
@@ -45,9 +59,10 @@ def normalise_image(image: Image.Image) -> Image.Image:
     return image
 
 
-def load_image_bytes(data: bytes, name: str = "upload") -> Image.Image:
+def _open(source: io.BytesIO | Path, name: str) -> Image.Image:
+    """Open, refuse by the header's size before decoding, decode, normalise; every failure is a ValueError."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(source) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise ValueError(f"{name}: image is too large ({w}x{h} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels)")
@@ -59,8 +74,23 @@ def load_image_bytes(data: bytes, name: str = "upload") -> Image.Image:
         raise ValueError(f"{name}: the image file is corrupt or truncated ({e})") from e
 
 
+def load_image_bytes(data: bytes, name: str = "upload") -> Image.Image:
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(_too_many_bytes(name, len(data)))
+    return _open(io.BytesIO(data), name)
+
+
 def load_image_file(path: str | Path) -> Image.Image:
+    """The image in `path` as normalised RGB; files above MAX_FILE_BYTES are refused before anything is read."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"image file not found: {path}")
-    return load_image_bytes(path.read_bytes(), path.name)
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ValueError(_too_many_bytes(path.name, size))
+    return _open(path, path.name)
+
+
+def _too_many_bytes(name: str, size: int) -> str:
+    return (f"{name}: the file is too large ({size / 2**20:.1f} MiB; the limit is {MAX_FILE_BYTES // 2**20} MiB, as "
+            "for uploads to the app); downscale or recompress it first")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from . import hf_compat
-from .validation import check_model_name
+from .validation import check_model_config, check_model_files, check_model_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,13 +33,34 @@ class LoadOptions:
     trust_remote_code: bool = False  # never enabled implicitly: only from an explicit command-line opt-in
 
 
+DEVICE_HINT = "use cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(device: str | None) -> torch.device:
+    """The torch device for `device` (None: CUDA when available, else CPU), or ValueError if torch cannot parse it
+    or this machine does not have it."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("CUDA was requested but no GPU is available")
-    return dev
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; {DEVICE_HINT}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA was requested but no GPU is available")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r} does not exist: this machine has {count} GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+        return dev
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else torch.backends.mps
+    if backend is not None and hasattr(backend, "is_available"):
+        if not backend.is_available():
+            raise ValueError(f"device {device!r} is not available on this machine; {DEVICE_HINT}")
+        return dev
+    raise ValueError(f"device {device!r} cannot run models here; {DEVICE_HINT}")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -64,6 +85,13 @@ def load_model(name_or_path: str | Path, options: LoadOptions = LoadOptions()) -
     if not name.strip():
         raise ValueError("no model given")
     check_model_name(name)  # a local model folder or a well-formed hub id, before transformers guesses
+    local = Path(name).expanduser() if Path(name).expanduser().is_dir() else None
+    if local is not None:  # a readable config of an architecture transformers knows, before transformers reads it
+        import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        check_model_config(local, CONFIG_MAPPING_NAMES, options.trust_remote_code,
+                           f"transformers {transformers.__version__}")
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
@@ -72,6 +100,8 @@ def load_model(name_or_path: str | Path, options: LoadOptions = LoadOptions()) -
     try:
         # no image token / text config: say so before transformers' list of AutoModel classes (and before the weights)
         hf_compat.model_facts(AutoConfig.from_pretrained(name, trust_remote_code=options.trust_remote_code))
+        if local is not None:
+            check_model_files(local)  # weights complete, tokenizer and image processor present: before reading them
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=options.trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
     except OSError as e:

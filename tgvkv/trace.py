@@ -36,6 +36,7 @@ class Trace:
     versions: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
     dtype: str = "float32"
+    image_sha256: list[str] = field(default_factory=list)  # tgvkv.images.pixel_sha256 of each image the model saw
     # -- selection (prefill) ----------------------------------------------------------------------------------
     budgets: np.ndarray | None = None  # (L,) int64 kept prompt tokens per layer
     kept_mask: np.ndarray | None = None  # (L, T) bool, kept after prefill eviction
@@ -75,6 +76,23 @@ class Trace:
         if self.kept_mask is None:
             return np.arange(self.seq_len)
         return np.flatnonzero(self.kept_mask[layer])
+
+    def evictable_layers(self) -> np.ndarray:
+        """(L,) bool: False for layers the engine never evicts (e.g. Gemma 3's sliding-window layers, which keep their
+        own window); recorded in ``selection_info["evictable_layers"]`` when some layer is not evictable."""
+        mask = self.selection_info.get("evictable_layers")
+        return np.ones(self.num_layers, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+
+    def largest_evicted_layer(self) -> int:
+        """Among the evictable layers, the one with the largest budget (ties: the deepest): where diagnostics open,
+        so they show an eviction rather than a layer that keeps everything by construction."""
+        b = self.budgets
+        if b is None or not len(b):
+            return 0
+        candidates = np.flatnonzero(self.evictable_layers())
+        if not len(candidates):
+            return len(b) - 1
+        return int(candidates[b[candidates] == b[candidates].max()][-1])
 
     def kept_fraction(self) -> float:
         return float(self.kept_mask.mean()) if self.kept_mask is not None else 1.0

@@ -13,10 +13,13 @@ model), words outside it are refused with the list of words it knows (``tgvkv.vo
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+import tempfile
 import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from .vocabulary import check_known_words
 
@@ -95,3 +98,117 @@ def check_model_name(name: str) -> str:
         )
     return name
 
+
+
+# -- output files (CLI: --trace, --full-trace, --json) ---------------------------------------------------------------
+def check_output_path(path: str | Path, suffixes: Collection[str], what: str) -> Path:
+    """A file that can be written after a long run: known suffix, not a folder, its folder exists and takes a new
+    file (probed by creating and deleting a temporary file). `what` names the option in messages."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{what} {str(path)!r}: the file name must end in {' or '.join(sorted(suffixes))}")
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder; give a file name")
+    folder = path.parent
+    if not folder.exists():
+        raise ValueError(f"{what} {str(path)!r}: the folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{what} {str(path)!r}: {str(folder)!r} is not a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {str(path)!r}: the file exists and is not writable")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tgvkv-write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {str(path)!r}: cannot write into {str(folder)!r} ({e.strerror or e})") from None
+    return path
+
+
+# -- local model folders (loading.load_model) --------------------------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def check_model_config(folder: str | Path, known_model_types: Collection[str], trust_remote_code: bool = False,
+                       library: str = "transformers") -> None:
+    """Refuse a local model folder whose config.json is unreadable or names an unknown architecture (the message
+    names the folder and the problem); see `check_model_files` for the rest of the folder."""
+    folder = Path(folder)
+    refuse = _refuser(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise refuse(f"config.json is not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise refuse("config.json does not hold a JSON object")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise refuse("config.json names no model_type, so the architecture is unknown")
+    if model_type not in known_model_types and not (trust_remote_code and config.get("auto_map")):
+        hint = ("the folder ships its own code: pass --trust-remote-code if you trust it" if config.get("auto_map")
+                else "a newer transformers may know it")
+        raise refuse(f"unknown architecture: model_type {model_type!r} is not known to this {library} ({hint})")
+
+
+def check_model_files(folder: str | Path) -> None:
+    """Refuse a local model folder that cannot load, before any weights are read: weights missing or truncated
+    (safetensors headers and sizes, every shard of an index), no tokenizer, no image processor configuration."""
+    folder = Path(folder)
+    refuse = _refuser(folder)
+    _check_weights(folder, refuse)
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise refuse(f"no tokenizer inside (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer files from "
+                     "the original model")
+    if not any((folder / f).is_file() for f in PROCESSOR_FILES):
+        raise refuse(f"no image processor configuration inside ({' or '.join(PROCESSOR_FILES)})")
+
+
+def _refuser(folder: Path) -> Any:
+    return lambda problem: ValueError(f"could not load local folder {str(folder)!r}: {problem}")
+
+
+def _check_weights(folder: Path, refuse: Any) -> None:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise refuse(f"{index_name} is not a readable weight index ({e})") from None
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise refuse(f"{len(missing)} of {len(shards)} weight files listed in {index_name} are missing "
+                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+            for shard in shards:
+                if shard.endswith(".safetensors"):
+                    check_safetensors_file(folder / shard, refuse)
+            return
+    single = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()]
+    if not single:
+        raise refuse("no weights inside (model.safetensors, pytorch_model.bin or a sharded index)")
+    if single[0].suffix == ".safetensors":
+        check_safetensors_file(single[0], refuse)
+
+
+def check_safetensors_file(path: Path, refuse: Any = ValueError) -> None:
+    """The header parses and the file holds every byte its tensors need (a cut-off download is refused)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise refuse(f"{path.name} is truncated or not a safetensors file (header of {max(n, 0):,} bytes, "
+                             f"file of {size:,} bytes)")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise refuse(f"{path.name} has an unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise refuse(f"{path.name} has an unreadable safetensors header (not a JSON object)")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise refuse(f"{path.name} has an unreadable safetensors header (entries without data_offsets)") from None
+    expected = 8 + n + end
+    if size < expected:
+        raise refuse(f"{path.name} is truncated ({size:,} of {expected:,} bytes; the download or copy is incomplete)")

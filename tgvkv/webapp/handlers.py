@@ -28,6 +28,7 @@ from PIL import Image
 import gradio as gr
 
 from .. import POLICIES, CaptureOptions, RunOptions, compare, generate
+from ..errors import report_unexpected
 from ..images import MAX_PIXELS, MAX_SIDE, load_image_file, normalise_image
 from ..trace import Trace
 from ..validation import validate_question
@@ -86,9 +87,8 @@ class RunState:
         return self.evicted.num_layers
 
     def default_layer(self) -> int:
-        """The layer with the largest budget (ties: the deepest): where the method keeps most."""
-        b = self.evicted.budgets
-        return int(len(b) - 1 - np.argmax(b[::-1])) if b is not None and len(b) else 0
+        """The evicted layer with the largest budget (ties: the deepest): where the method keeps most."""
+        return self.evicted.largest_evicted_layer()
 
 
 # -- validation ------------------------------------------------------------------------------------------------------
@@ -110,9 +110,9 @@ def check_image(image: Any) -> Image.Image:
 def check_question(question: Any, processor: Any | None = None) -> str:
     if not isinstance(question, str) or not question.strip():
         raise ValueError("please type a question about the image")
+    if len(question) > MAX_QUESTION_CHARS:  # the length as typed, before runs of whitespace are collapsed
+        raise ValueError(f"the question is too long ({len(question):,} characters; the limit is {MAX_QUESTION_CHARS})")
     q = " ".join(question.split())
-    if len(q) > MAX_QUESTION_CHARS:
-        raise ValueError(f"the question is too long ({len(q)} characters; the limit is {MAX_QUESTION_CHARS})")
     if processor is not None:
         token = getattr(processor, "image_token", None) or "<image>"
         specials = {token, getattr(processor, "video_token", None) or token}
@@ -275,11 +275,16 @@ def summary(run: RunState) -> dict[str, Any]:
     return {
         "model": run.model, "device": run.device, "dtype": run.dtype, "method": run.method,
         "keep_ratio": run.keep_ratio, "max_new_tokens": run.max_new_tokens, "seed": run.seed, "protocol": run.protocol,
-        "question": run.question, "prompt_tokens": e.seq_len, "vision_tokens": e.layout.n_vision,
+        "question": run.question, "image": {"size": list(run.image.size), "sha256": _first(e.image_sha256)},
+        "prompt_tokens": e.seq_len, "vision_tokens": e.layout.n_vision,
         "num_layers": e.num_layers, "kept_prompt_tokens_mean": float(budgets.mean()),
         "first_divergence": run.first_divergence, "step_kl": [float(x) for x in run.step_kl],
         "full": side(f, run.full_pieces), "evicted": side(e, run.evicted_pieces),
     }
+
+
+def _first(values: Sequence[str]) -> str | None:
+    return values[0] if values else None
 
 
 def metrics_markdown(run: RunState) -> str:
@@ -512,7 +517,7 @@ def compare_methods(image: Any, question: Any, model_name: str, method_a: str, m
     results = _generate_locked(loaded, img, q, [a, b], keep, n_new, SEED)
     traces = [r.trace for r in results]
     L = traces[0].num_layers
-    layer = L - 1 if layer is None or layer == "" else check_layer(layer, L)
+    layer = traces[0].largest_evicted_layer() if layer is None or layer == "" else check_layer(layer, L)
     cmp = compute_comparison(traces, layer)
     fig = plot_comparison(cmp, [img]) if cmp.overlays else empty_figure("no patch geometry for this model")
     bud = plot_budgets(compute_budgets(traces))
@@ -528,18 +533,29 @@ def compare_methods(image: Any, question: Any, model_name: str, method_a: str, m
 
 # -- Gradio-facing wrappers ------------------------------------------------------------------------------------------
 def user_errors(fn: Callable) -> Callable:
-    """Re-raise ValueError (bad input, unloadable model) as gr.Error so the visitor sees the message."""
+    """Re-raise ValueError (bad input, unloadable model) as gr.Error so the visitor sees the message; anything else
+    is logged with its traceback under an error id, and the visitor sees one line with that id."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except gr.Error:
+            raise
         except ValueError as e:
             raise gr.Error(str(e), duration=None) from e
         except torch.OutOfMemoryError as e:
             raise gr.Error("the model ran out of memory on this input; try a smaller image or fewer new tokens") from e
+        except Exception as e:  # a bug or an environment failure: the traceback stays in the server log
+            error_id = report_unexpected(e, log, fn.__name__)
+            raise gr.Error(unexpected_message(error_id), duration=None) from e
 
     return wrapper
+
+
+def unexpected_message(error_id: str) -> str:
+    return (f"something went wrong on the server (error id {error_id}); the details are in the server log. "
+            "Please try again, or report the id to the operator")
 
 
 def _progress(progress: Any) -> Callable[[float, str], None]:
