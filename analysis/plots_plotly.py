@@ -1,18 +1,21 @@
 """Interactive plotly figures for the app: the same data and colours as `plots_mpl`, with hover text."""
 from __future__ import annotations
 
+import html
 from typing import Sequence
 
 import numpy as np
+from matplotlib import colormaps
 import plotly.graph_objects as go
 from PIL import Image
 from plotly.subplots import make_subplots
 
-from . import explain, palette
+from . import explain, palette, ticks
 from .arrays import MODALITIES
 from .compute import AccumulatedData, AttentionData, BudgetData, ComparisonData, NeighbourData, OverlayData
 from .explain import BLOCK
-from .overlay import cell_edges, overlay_panels
+from .legend import LegendEntry, accumulated_legend, overlay_legend
+from .overlay import cell_edges, overlay_panels, views_with_image
 
 
 _PROJ = {"pca": "PCA", "tsne": "t-SNE"}
@@ -22,6 +25,45 @@ def _finish(fig: go.Figure, title: str, height: int) -> go.Figure:
     fig.update_layout(**palette.PLOTLY_LAYOUT, height=height, margin=dict(t=90))
     fig.update_layout(title=dict(text=title, x=0.5, xanchor="center"))
     return fig
+
+
+def legend_html(entries: Sequence[LegendEntry]) -> str:
+    """Legend lines for an annotation: a square in each entry's colour (both ends of a colour scale) + its sentence."""
+    def swatch(colour: str) -> str:
+        return f'<span style="color:{colour}">■</span>'
+
+    lines = []
+    for e in entries:
+        if e.mark == "scale":
+            cmap = colormaps[e.colour]
+            ends = [palette.rgb_hex(cmap(x)) for x in (0.0, 1.0)]
+            lines.append(f"{swatch(ends[0])}→{swatch(ends[1])} {html.escape(e.sentence())}")
+        else:
+            lines.append(f"{swatch(e.colour)} {html.escape(e.sentence())}")
+    return "<br>".join(lines)
+
+
+def add_legend_below(fig: go.Figure, entries: Sequence[LegendEntry], height: int) -> int:
+    """Legend lines under the plot area; returns the figure height grown by the room they take."""
+    room = 26 * len(entries) + 20
+    fig.add_annotation(text=legend_html(entries), xref="paper", yref="paper", x=0, y=0, yshift=-12, xanchor="left",
+                       yanchor="top", align="left", showarrow=False, font=dict(size=14))
+    fig.update_layout(margin=dict(b=room + 20))
+    return height + room
+
+
+def set_integer_axis(fig: go.Figure, n: int, row: int | None = None, col: int | None = None, max_ticks: int = 20,
+                     start: int = 0) -> None:
+    """Whole-number ticks (layers 0..n-1, or k = 1..n with start=1): never 0.5."""
+    vals = [start + v for v in ticks.integer_ticks(n, max_ticks)]
+    fig.update_xaxes(tickmode="array", tickvals=vals, ticktext=[str(v) for v in vals], row=row, col=col)
+
+
+def set_log_axis(fig: go.Figure, values: np.ndarray, row: int | None = None, col: int | None = None) -> None:
+    """Log y axis labelled once per decade (1, 10, 100 ...) over whole decades."""
+    vals, labels = ticks.decade_ticks(values)
+    lo, hi = ticks.decade_range(values)
+    fig.update_yaxes(type="log", tickmode="array", tickvals=vals, ticktext=labels, range=[lo, hi], row=row, col=col)
 
 
 def plot_neighbours(d: NeighbourData) -> go.Figure:
@@ -39,6 +81,7 @@ def plot_neighbours(d: NeighbourData) -> go.Figure:
                                      marker=dict(color=palette.MODALITY[m], size=7, opacity=0.8),
                                      hovertext=[f"{d.tokens[p]!r} @ {p}" for p in pos], hoverinfo="text"), 1, 2)
     fig.update_xaxes(title_text="k nearest neighbours", row=1, col=1)
+    set_integer_axis(fig, max(len(c) for c in d.curves.values()), 1, 1, max_ticks=12, start=1)
     fig.update_yaxes(title_text="mean cosine similarity", row=1, col=1)
     return _finish(fig, explain.neighbours(d), 520)
 
@@ -82,11 +125,15 @@ def plot_accumulated(d: AccumulatedData) -> go.Figure:
     for m, sel in zip(MODALITIES, (~d.is_vision, d.is_vision)):
         fig.add_trace(go.Bar(x=x[sel], y=d.accumulated[sel], name=m, marker_color=palette.MODALITY[m],
                              hovertext=[f"{d.tokens[p]!r} @ {p}" for p in x[sel]], hoverinfo="text+y"), 1, 1)
-    hover = [[f"{d.tokens[p]!r} @ {p}" for p in x]] * 2
-    fig.add_trace(go.Heatmap(z=np.stack([d.evicted_attention_only, d.evicted_method]), x=x, y=["attention-only", d.method],
+    rows = d.eviction_rows()  # top to bottom
+    hover = [[f"{d.tokens[p]!r} @ {p}" for p in x]] * len(rows)
+    fig.add_trace(go.Heatmap(z=np.stack([v for _, v in rows]), x=x, y=[label for label, _ in rows],
                              colorscale=palette.SEQUENTIAL.capitalize(), zmin=0, zmax=1, hovertext=hover,
-                             hoverinfo="text+z", colorbar=dict(title="layers<br>evicting", y=0.15, len=0.35)), 2, 1)
-    fig.update_yaxes(type="log", title_text="accumulated attention", row=1, col=1)
+                             hoverinfo="text+z", colorbar=dict(title="fraction of<br>layers evicting", y=0.15,
+                                                               len=0.35)), 2, 1)
+    set_log_axis(fig, d.accumulated, 1, 1)
+    fig.update_yaxes(title_text="accumulated attention", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", row=2, col=1)  # first row on top, as eviction_rows() lists them
     fig.update_xaxes(title_text="prompt position", row=2, col=1)
     fig.update_layout(bargap=0)
     return _finish(fig, explain.accumulated(d), 620)
@@ -121,7 +168,11 @@ def plot_overlay(d: OverlayData, images: Sequence[Image.Image] | None = None) ->
     for vi in range(len(d.views)):
         _add_panel(fig, kept[vi][1], _overlay_cells(d, vi), vi + 1, 1)
         _add_panel(fig, counts[vi][1], _overlay_cells(d, vi), vi + 1, 2)
-    return _finish(fig, explain.overlay(d), 120 + 430 * len(d.views))
+    has_image = all(views_with_image(d, images))
+    entries = overlay_legend("kept", d.layer, d.num_layers, len(d.top), has_image)
+    entries += overlay_legend("counts", d.layer, d.num_layers, 0)
+    height = add_legend_below(fig, entries, 120 + 430 * len(d.views))
+    return _finish(fig, explain.overlay(d), height)
 
 
 def plot_budgets(d: BudgetData) -> go.Figure:
@@ -138,6 +189,7 @@ def plot_budgets(d: BudgetData) -> go.Figure:
     fig.add_hline(y=d.n_text, line=dict(color=palette.TEXT, dash="dot", width=2), annotation_text=f"all text {d.n_text}",
                   annotation_position="bottom right")
     fig.update_layout(barmode="group", xaxis_title="layer", yaxis_title="kept prompt tokens")
+    set_integer_axis(fig, len(layers))
     return _finish(fig, explain.budgets(d), 520)
 
 
@@ -147,14 +199,22 @@ def plot_comparison(d: ComparisonData, images: Sequence[Image.Image] | None = No
     panels = [overlay_panels(ov, images, "kept") for ov in d.overlays]
     titles = ["Jaccard of kept sets per layer"] + [f"{d.methods[m]}: {panels[m][v][0]}" for v in range(V) for m in range(M)]
     fig = make_subplots(1 + V, M, specs=specs, subplot_titles=titles, vertical_spacing=0.08)
+    layers = np.arange(d.jaccard.shape[1])
     for p, (i, j) in enumerate(d.pairs):
         c = palette.method_colour(p)
         for vals, dash, what in ((d.jaccard[p], "solid", "all tokens"), (d.jaccard_vision[p], "dash", "vision only")):
-            fig.add_trace(go.Scatter(y=vals, mode="lines+markers", line=dict(color=c, width=3, dash=dash),
-                                     name=f"{d.methods[i]} vs {d.methods[j]}: {what}"), 1, 1)
+            fig.add_trace(go.Scatter(x=layers, y=vals, mode="lines+markers", line=dict(color=c, width=3, dash=dash),
+                                     name=f"{d.methods[i]} vs {d.methods[j]}: {what}",
+                                     hovertemplate="layer %{x}<br>Jaccard %{y:.2f}<extra></extra>"), 1, 1)
     for m, ov in enumerate(d.overlays):
         for v in range(V):
             _add_panel(fig, panels[m][v][1], _overlay_cells(ov, v), 2 + v, 1 + m)
     fig.update_yaxes(range=[0, 1.05], title_text="Jaccard", row=1, col=1)
     fig.update_xaxes(title_text="layer", row=1, col=1)
-    return _finish(fig, explain.comparison(d), 380 + 420 * V)
+    set_integer_axis(fig, len(layers), 1, 1)
+    height = 380 + 420 * V
+    if d.overlays:
+        ov = d.overlays[0]
+        entries = overlay_legend("kept", ov.layer, ov.num_layers, len(ov.top), all(views_with_image(ov, images)))
+        height = add_legend_below(fig, entries, height)
+    return _finish(fig, explain.comparison(d), height)
