@@ -30,7 +30,7 @@ def traces():
     return {k: synthetic_trace(f(), num_layers=4, keep_ratio=ratios[k], seed=1) for k, f in LAYOUTS.items()}
 
 
-# -- block sums ---------------------------------------------------------------------------------------------------------
+# -- block sums --------------------------------------------------------------------------------------------------------
 def test_block_sums_hand_example():
     attn = np.array([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.2, 0.3, 0.5, 0], [0.1, 0.2, 0.3, 0.4]])
     vis = np.array([False, True, True, False])
@@ -218,7 +218,7 @@ def test_projection_separates_modalities(traces):
         A.project_2d(np.ones((3, 2)), "umap")
 
 
-# -- accumulated attention, budgets, Jaccard ----------------------------------------------------------------------------
+# -- accumulated attention, budgets, Jaccard ---------------------------------------------------------------------------
 def test_top_budget_keep_and_accumulation(traces):
     keep = A.top_budget_keep(np.array([[0.1, 0.5, 0.3, 0.5], [1, 2, 3, 4]]), np.array([2, 1]))
     np.testing.assert_array_equal(keep, [[False, True, False, True], [False, False, False, True]])
@@ -378,7 +378,7 @@ def test_box_slightly_outside_the_image_and_missing_image():
     assert len(overlay_panels(d, [img])) == 2  # second image missing: neutral panel, no error
 
 
-# -- figures say what they show (issue 15) ------------------------------------------------------------------------------
+# -- figures say what they show (issue 15) -----------------------------------------------------------------------------
 def test_palette_names_every_caption_colour():
     from analysis.legend import accumulated_legend, budgets_legend, overlay_legend
 
@@ -493,7 +493,8 @@ def ticks_mod():
 
 def test_tick_helpers_by_hand():
     T = ticks_mod()
-    assert [T.decade_label(k) for k in (-5, -2, -1, 0, 1, 3, 4)] == ["10⁻⁵", "0.01", "0.1", "1", "10", "1000", "10⁴"]
+    labels = [T.decade_label(k) for k in (-5, -2, -1, 0, 1, 3, 4)]
+    assert labels == ["10⁻⁵", "0.01", "0.1", "1", "10", "1000", "10⁴"]
     assert T.decade_ticks([2.0, 8.0]) == ([1.0, 10.0], ["1", "10"])
     assert T.decade_ticks([0.0, -1.0, np.nan, 0.05, 30.0]) == ([0.01, 0.1, 1.0, 10.0, 100.0],
                                                                 ["0.01", "0.1", "1", "10", "100"])
@@ -517,7 +518,8 @@ def test_layer_axes_have_whole_number_ticks(traces):
     cmp = C.compute_comparison([t, other], 1)
     bud = C.compute_budgets([t, other])
     for fig, axis in ((plots_plotly.plot_comparison(cmp, None), "xaxis"), (plots_plotly.plot_budgets(bud), "xaxis")):
-        assert list(fig.layout[axis].tickvals) == [0, 1, 2, 3] and list(fig.layout[axis].ticktext) == ["0", "1", "2", "3"]
+        assert list(fig.layout[axis].tickvals) == [0, 1, 2, 3]
+        assert list(fig.layout[axis].ticktext) == ["0", "1", "2", "3"]
     np.testing.assert_array_equal(plots_plotly.plot_comparison(cmp, None).data[0].x, [0, 1, 2, 3])
     for fig in (plots_mpl.plot_comparison(cmp, None), plots_mpl.plot_budgets(bud)):
         assert list(fig.axes[0].get_xticks()) == [0, 1, 2, 3]
@@ -527,7 +529,7 @@ def test_layer_axes_have_whole_number_ticks(traces):
     assert list(plots_mpl.plot_budgets(C.compute_budgets([big])).axes[0].get_xticks()) == list(range(0, 24, 2))
 
 
-# -- image thumbnails in the trace ---------------------------------------------------------------------------------------
+# -- image thumbnails in the trace -------------------------------------------------------------------------------------
 def _striped_image(w: int = 96, h: int = 64) -> Image.Image:
     a = np.zeros((h, w, 3), np.uint8)
     a[:, : w // 2] = (220, 20, 60)
