@@ -45,6 +45,7 @@ CSS = """
 .answer-text {font-size: 1.35rem; line-height: 1.6; color: #111}
 .answer-text .tok.div {background: #fde2cf; border-bottom: 3px solid #D55E00; border-radius: 3px}
 .answer-meta {margin-top: 8px; font-size: 0.85rem; color: #555}
+.answer-failed .answer-text {font-size: 1rem; color: #777; font-style: italic}
 .answer-meta .same {color: #007a5a; font-weight: 600}
 .answer-meta .differs {color: #D55E00; font-weight: 600}
 .caption {font-size: 0.95rem; color: #333}

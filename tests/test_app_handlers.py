@@ -5,6 +5,7 @@ Uses the bundled demo model; a missing assets/demo-vlm is a failure, not a skip.
 from __future__ import annotations
 
 import copy
+import html
 import json
 import struct
 import threading
@@ -356,11 +357,11 @@ def test_kl_axis_is_readable_on_long_answers(run):
     ax = fig.layout.xaxis
     shown = list(ax.tickvals)
     assert len(shown) <= H.KL_MAX_LABELS + 1 and 37 in shown and shown[0] == 0
-    assert list(ax.ticktext) == [f"{i}:{H._short(H.token_label(long.full_pieces[i], long.full.output_tokens[i]))}"
-                                 for i in shown]
+    labels = [H.token_label(p, t) for p, t in zip(long.full_pieces, long.full.output_tokens)]
+    assert list(ax.ticktext) == [html.escape(f"{i}:{H._short(labels[i])}") for i in shown]
     assert ax.tickangle == -45
     bar = fig.data[0]
-    assert bar.customdata[-1] == eos and bar.customdata[-2] == "\\n" and bar.customdata[5] == "w5"
+    assert bar.customdata[-1] == html.escape(eos) and bar.customdata[-2] == "\\n" and bar.customdata[5] == "w5"
     assert "␣" not in "".join(bar.customdata) + "".join(ax.ticktext)
     assert list(bar.marker.color[:37]) == [palette_mod().AGREE] * 37
     assert set(bar.marker.color[37:]) == {palette_mod().DIVERGED}
@@ -376,7 +377,7 @@ def palette_mod():
 def test_kl_labels_of_the_real_run_name_the_end_token(run):
     eos = M.get_model(M.DEMO, POLICY).processor.tokenizer.eos_token
     fig = H.kl_figure(run)
-    labels = list(fig.data[0].customdata)
+    labels = [html.unescape(x) for x in fig.data[0].customdata]  # escaped: plotly would read '</s>' as markup
     assert labels == H.answer_labels(run)[: len(run.step_kl)]
     assert [p.strip() for p in run.full_pieces if p.strip()] == [x for x in labels if x != eos]
     if run.full.output_tokens[-1] == eos:  # the answer ended with the end-of-sequence token: shown by its name

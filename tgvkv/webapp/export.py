@@ -84,7 +84,8 @@ def kl_figure_mpl(run: "RunState", max_labels: int = 24) -> Figure:
                                            for i in range(len(kl))])
     ax.axhline(KL_NOTICEABLE, color=palette.REFERENCE, ls=":", lw=1.5)
     shown = thinned(len(kl), max_labels, [] if d is None else [d])
-    ax.set_xticks(shown, [f"{i}:{labels[i] if i < len(labels) else ''}" for i in shown], rotation=60, ha="right",
+    text = [f"{i}:{labels[i] if i < len(labels) else ''}".replace("$", r"\$") for i in shown]  # no mathtext
+    ax.set_xticks(shown, text, rotation=60, ha="right",
                   rotation_mode="anchor", fontsize=9)
     ax.set_xlim(-0.6, len(kl) - 0.4)
     ax.set_xlabel("full-answer token (step:token)")

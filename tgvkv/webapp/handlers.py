@@ -343,7 +343,8 @@ def kl_figure(run: RunState, max_labels: int = KL_MAX_LABELS) -> go.Figure:
     d = run.first_divergence
     colours = [palette.AGREE if d is None or i < d else palette.DIVERGED for i in x]
     shown = thinned(n, max_labels, [] if d is None else [d])
-    fig = go.Figure(go.Bar(x=x, y=kl, marker_color=colours, customdata=labels,
+    shown_text = [html.escape(f"{i}:{_short(labels[i])}") for i in shown]  # plotly reads '</s>' as markup
+    fig = go.Figure(go.Bar(x=x, y=kl, marker_color=colours, customdata=[html.escape(t) for t in labels],
                            hovertemplate="step %{x}: %{customdata}<br>KL %{y:.4f} nats<extra></extra>"))
     fig.add_hline(y=KL_NOTICEABLE, line=dict(color=palette.REFERENCE, dash="dot", width=1.5),
                   annotation_text=f"{KL_NOTICEABLE} nats", annotation_position="top left")
@@ -351,7 +352,7 @@ def kl_figure(run: RunState, max_labels: int = KL_MAX_LABELS) -> go.Figure:
                       title=dict(text="KL(full ‖ evicted) of the next-token distribution per answer step", x=0.5,
                                  font=dict(size=16)),
                       yaxis_title="KL, nats", xaxis_title="full-answer token (step:token)", showlegend=False)
-    fig.update_xaxes(tickmode="array", tickvals=shown, ticktext=[f"{i}:{_short(labels[i])}" for i in shown],
+    fig.update_xaxes(tickmode="array", tickvals=shown, ticktext=shown_text,
                      tickangle=-45 if len(shown) > 8 else 0, automargin=True)
     return fig
 
