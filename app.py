@@ -132,7 +132,8 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
                 neigh_caption = gr.Markdown(elem_classes="caption", label="neighbours caption")
             with gr.Tab("Accumulated attention", id="accumulated"):
                 acc_plot = gr.Plot(elem_id="accumulated-plot", label="accumulated attention")
-                acc_caption = gr.Markdown(elem_classes="caption", label="accumulated caption")
+                acc_caption = gr.Markdown(elem_classes="caption", label="accumulated caption",
+                                          elem_id="accumulated-caption")
             with gr.Tab("Explain", id="explain"):
                 with gr.Column(elem_classes="explain"):
                     ex_intro = gr.Markdown("Run a comparison to get a walkthrough of this input.", label="explain intro")
