@@ -3,7 +3,11 @@ quote the same entries, so a caption can only name colours the figure actually u
 """
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
+from typing import Sequence
+
+from matplotlib import colormaps
 
 from . import palette
 
@@ -36,6 +40,23 @@ class LegendEntry:
 def sentences(entries: list[LegendEntry]) -> str:
     """All entries as one caption line: 'green outline: ...; red-orange boxes: ...'."""
     return "; ".join(e.sentence() for e in entries)
+
+
+def legend_html(entries: Sequence[LegendEntry], sep: str = "<br>") -> str:
+    """Legend lines as HTML (plotly annotations, Markdown captions): a square in each entry's colour (both ends of a
+    colour scale), then the entry's sentence."""
+    def swatch(colour: str) -> str:
+        return f'<span style="color:{colour}">■</span>'
+
+    lines = []
+    for e in entries:
+        if e.mark == "scale":
+            cmap = colormaps[e.colour]
+            mark = swatch(palette.rgb_hex(cmap(0.0))) + "→" + swatch(palette.rgb_hex(cmap(1.0)))
+        else:
+            mark = swatch(e.colour)
+        lines.append(f"{mark} {html.escape(e.sentence(), quote=False)}")
+    return sep.join(lines)
 
 
 def overlay_legend(kind: str, layer: int, num_layers: int, n_top: int, has_image: bool = True) -> list[LegendEntry]:
@@ -71,3 +92,13 @@ def budgets_legend(uniform: float, n_text: int) -> list[LegendEntry]:
         LegendEntry("dashed line", palette.BOUNDARY, f"uniform budget ({uniform:.0f} tokens per layer)"),
         LegendEntry("dotted line", palette.TEXT, f"all text ({n_text} tokens)"),
     ]
+
+
+def attention_legend() -> list[LegendEntry]:
+    return [LegendEntry("scale", palette.ATTENTION, "log10 of the attention a query (row) gives a key (column)"),
+            LegendEntry("line", palette.BOUNDARY, "boundaries between text and image tokens")]
+
+
+def neighbours_legend() -> list[LegendEntry]:
+    return [LegendEntry("line", palette.TEXT, "text tokens' neighbours (solid: among text, dashed: among vision)"),
+            LegendEntry("line", palette.VISION, "vision tokens' neighbours (solid: among vision, dashed: among text)")]

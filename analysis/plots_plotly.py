@@ -1,11 +1,9 @@
 """Interactive plotly figures for the app: the same data and colours as `plots_mpl`, with hover text."""
 from __future__ import annotations
 
-import html
 from typing import Sequence
 
 import numpy as np
-from matplotlib import colormaps
 import plotly.graph_objects as go
 from PIL import Image
 from plotly.subplots import make_subplots
@@ -14,7 +12,7 @@ from . import explain, palette, ticks
 from .arrays import MODALITIES
 from .compute import AccumulatedData, AttentionData, BudgetData, ComparisonData, NeighbourData, OverlayData
 from .explain import BLOCK
-from .legend import LegendEntry, accumulated_legend, overlay_legend
+from .legend import LegendEntry, legend_html, overlay_legend
 from .overlay import cell_edges, overlay_panels, views_with_image
 
 
@@ -25,22 +23,6 @@ def _finish(fig: go.Figure, title: str, height: int) -> go.Figure:
     fig.update_layout(**palette.PLOTLY_LAYOUT, height=height, margin=dict(t=90))
     fig.update_layout(title=dict(text=title, x=0.5, xanchor="center"))
     return fig
-
-
-def legend_html(entries: Sequence[LegendEntry]) -> str:
-    """Legend lines for an annotation: a square in each entry's colour (both ends of a colour scale) + its sentence."""
-    def swatch(colour: str) -> str:
-        return f'<span style="color:{colour}">■</span>'
-
-    lines = []
-    for e in entries:
-        if e.mark == "scale":
-            cmap = colormaps[e.colour]
-            ends = [palette.rgb_hex(cmap(x)) for x in (0.0, 1.0)]
-            lines.append(f"{swatch(ends[0])}→{swatch(ends[1])} {html.escape(e.sentence())}")
-        else:
-            lines.append(f"{swatch(e.colour)} {html.escape(e.sentence())}")
-    return "<br>".join(lines)
 
 
 def add_legend_below(fig: go.Figure, entries: Sequence[LegendEntry], height: int) -> int:

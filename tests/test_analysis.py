@@ -380,7 +380,7 @@ def test_box_slightly_outside_the_image_and_missing_image():
 
 # -- figures say what they show (issue 15) -----------------------------------------------------------------------------
 def test_palette_names_every_caption_colour():
-    from analysis.legend import accumulated_legend, budgets_legend, overlay_legend
+    from analysis.legend import accumulated_legend, attention_legend, budgets_legend, neighbours_legend, overlay_legend
 
     assert palette.name_of(palette.HIGHLIGHT) == "red-orange" and palette.name_of(palette.KEPT) == "green"
     assert palette.name_of(palette.VISION) == "orange" and palette.name_of(palette.TEXT) == "blue"
@@ -388,7 +388,8 @@ def test_palette_names_every_caption_colour():
     with pytest.raises(KeyError, match="no caption name"):
         palette.name_of("#123456")
     entries = (overlay_legend("kept", 2, 4, 5) + overlay_legend("kept", 2, 4, 5, has_image=False)
-               + overlay_legend("counts", 2, 4, 5) + accumulated_legend() + budgets_legend(15.0, 10))
+               + overlay_legend("counts", 2, 4, 5) + accumulated_legend() + budgets_legend(15.0, 10)
+               + attention_legend() + neighbours_legend())
     for e in entries:  # every entry's words start with the palette's name of the colour it is drawn in
         if e.mark == "scale":
             lo, hi = palette.COLORMAP_ENDS[e.colour]
@@ -442,7 +443,7 @@ def test_overlay_legends_in_both_backends(traces):
     pfig = plots_plotly.plot_overlay(d, img)
     legend_text = pfig.layout.annotations[-1].text
     for e in entries + overlay_legend("counts", 1, t.num_layers, 0):
-        assert e.sentence() in legend_text.replace("&gt;", ">")
+        assert e.sentence() in legend_text
     assert f'<span style="color:{palette.HIGHLIGHT}">■</span> red-orange boxes' in legend_text
     # no image: the legend and the panel titles say so, instead of an unexplained grey grid
     bare = plots_mpl.plot_overlay(d, None)

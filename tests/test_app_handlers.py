@@ -410,6 +410,10 @@ def test_captions_name_the_drawn_colours(run):
     assert rows == [run.method, "attention-only"]
     assert f"{run.method}'s own evictions are the top row" in cap and "bottom row of the lower panel" in cap
     assert "row below" not in cap
+    _, cap = H.attention_view(run, 0)
+    assert "colour from dark blue to yellow: log10" in cap and f"{P.name_of(P.BOUNDARY)} line: boundaries" in cap
+    _, cap = H.neighbours_view(run)
+    assert f"{P.name_of(P.TEXT)} line: text tokens' neighbours" in cap and f"{P.name_of(P.VISION)} (vision)" in cap
     _, cap = H.budgets_view(run)
     assert f"{P.name_of(P.TEXT)} bars: text kept" in cap and f"{P.name_of(P.VISION)} bars: vision kept" in cap
     cap = H.kl_caption(run)

@@ -241,7 +241,7 @@ def answer_html(run: RunState, which: str) -> str:
     if d is None:
         status = '<span class="same">identical answers</span>'
     else:
-        status = f'<span class="differs">answers diverge at token {d}</span>'
+        status = f'<span class="differs">answers diverge at token {d} (highlighted from there on)</span>'
     kv = int(trace.kv_bytes_kept.sum())
     return (f'<div class="answer answer-{which}"><div class="answer-title">{html.escape(title)}</div>'
             f'<div class="answer-text" data-testid="answer-{which}">{text}</div>'
@@ -399,21 +399,9 @@ OVERLAY_MODES = ("layer", "all layers")
 
 def legend_markdown(entries: Sequence[Any]) -> str:
     """Caption lines for `analysis.legend` entries: a swatch in the drawn colour, then the same words as the figure."""
-    from analysis import palette
-    from matplotlib import colormaps
+    from analysis.legend import legend_html
 
-    def swatch(colour: str) -> str:
-        return f'<span style="color:{colour}">■</span>'
-
-    lines = []
-    for e in entries:
-        if e.mark == "scale":
-            cmap = colormaps[e.colour]
-            mark = swatch(palette.rgb_hex(cmap(0.0))) + "→" + swatch(palette.rgb_hex(cmap(1.0)))
-        else:
-            mark = swatch(e.colour)
-        lines.append(f"{mark} {html.escape(e.sentence())}")
-    return "<br>".join(lines)
+    return legend_html(entries)
 
 
 def overlay_view(run: RunState, layer: Any, mode: str = "layer") -> tuple[Image.Image | None, str]:
@@ -460,6 +448,7 @@ def _hstack(images: Sequence[Image.Image], gap: int = 8) -> Image.Image:
 def attention_view(run: RunState, layer: Any) -> tuple[go.Figure, str]:
     from analysis import compute_attention
     from analysis import explain as ax
+    from analysis.legend import attention_legend
     from analysis.plots_plotly import plot_attention
 
     layer = check_layer(layer, run.num_layers)
@@ -468,7 +457,7 @@ def attention_view(run: RunState, layer: Any) -> tuple[go.Figure, str]:
     except ValueError as e:
         return empty_figure(str(e)), f"**No attention map:** {e}"
     return lighten_heatmaps(plot_attention(data)), (
-        f"**{ax.attention(data)}.** What to notice: the box gives each block's share of all attention (T = text, "
+        f"**{ax.attention(data)}.**<br>{legend_markdown(attention_legend())}<br>What to notice: the box gives each block's share of all attention (T = text, "
         "V = vision, query→key); per entry, text queries favour text keys over image keys (the modality gap), so a "
         "ranking over all tokens together under-rates the image. TGV-KV therefore measures text→image attention on "
         "its own. Bright vertical stripes are sink tokens that every query attends to.")
@@ -506,6 +495,8 @@ def budgets_view(run: RunState) -> tuple[go.Figure, str]:
 def neighbours_view(run: RunState) -> tuple[go.Figure, str]:
     from analysis import compute_neighbours
     from analysis import explain as ax
+    from analysis import palette as P
+    from analysis.legend import neighbours_legend
     from analysis.plots_plotly import plot_neighbours
 
     try:
@@ -513,9 +504,10 @@ def neighbours_view(run: RunState) -> tuple[go.Figure, str]:
     except ValueError as e:
         return empty_figure(str(e)), f"**No neighbour plot:** {e}"
     return plot_neighbours(data), (
-        f"**{ax.neighbours(data)}.** What to notice: solid lines (neighbours of the same modality) above dashed "
+        f"**{ax.neighbours(data)}.**<br>{legend_markdown(neighbours_legend())}<br>What to notice: solid lines (neighbours of the same modality) above dashed "
         "ones (the other modality) mean text and vision hidden states live in separate neighbourhoods, the second "
-        "sign of the modality gap; in the PCA panel the two colours form separate clouds.")
+        f"sign of the modality gap; in the PCA panel the {P.name_of(P.TEXT)} (text) and {P.name_of(P.VISION)} "
+        "(vision) points form separate clouds.")
 
 
 def accumulated_view(run: RunState) -> tuple[go.Figure, str]:
