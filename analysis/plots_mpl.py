@@ -241,5 +241,9 @@ def plot_comparison(d: ComparisonData, images: Sequence[Image.Image] | None = No
     for m, ov in enumerate(d.overlays):
         axes = [fig.add_subplot(grid[1 + v, m]) for v in range(V)]
         _show_panels(axes, [(f"{d.methods[m]}: {t}", img) for t, img in overlay_panels(ov, images, "kept")])
+    if d.overlays:
+        ov = d.overlays[0]
+        entries = overlay_legend("kept", ov.layer, ov.num_layers, len(ov.top), all(views_with_image(ov, images)))
+        fig.legend(handles=legend_handles(entries), loc="outside lower center", ncols=1, frameon=False)
     _title(fig, explain.comparison(d))
     return fig

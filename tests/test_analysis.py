@@ -429,7 +429,7 @@ def test_overlay_pixels_are_the_legend_colours():
 
 def test_overlay_legends_in_both_backends(traces):
     from analysis import plots_mpl, plots_plotly
-    from analysis.legend import overlay_legend
+    from analysis.legend import legend_html, overlay_legend
 
     t = traces["square"]
     d = C.compute_overlay(t, 1)
@@ -446,6 +446,11 @@ def test_overlay_legends_in_both_backends(traces):
         assert e.sentence() in legend_text
     assert f'<span style="color:{palette.HIGHLIGHT}">■</span> red-orange boxes' in legend_text
     # no image: the legend and the panel titles say so, instead of an unexplained grey grid
+    other = synthetic_trace(layout_square(), t.num_layers, t.keep_ratio, seed=1, method="snapkv")
+    cmp_legend = plots_mpl.plot_comparison(C.compute_comparison([t, other], 1), img).legends[-1]
+    assert [tx.get_text() for tx in cmp_legend.get_texts()] == [e.meaning for e in entries]
+    pcmp = plots_plotly.plot_comparison(C.compute_comparison([t, other], 1), img)
+    assert pcmp.layout.annotations[-1].text == legend_html(entries)
     bare = plots_mpl.plot_overlay(d, None)
     assert bare.legends[0].get_texts()[0].get_text() == "kept at layer 1 (no image stored)"
     assert all("(no image stored)" in ax.get_title() for ax in bare.axes if ax.get_title())
