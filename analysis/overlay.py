@@ -21,6 +21,9 @@ from .compute import OverlayData
 PANEL_WIDTH = 480  # px of the longer panel side
 NEUTRAL = (236, 236, 236)
 NO_IMAGE = "no image stored"
+#: how much of the image shows through an evicted patch: little enough that it reads as the light grey the legend
+#: names on any image (black -> #B8B8B8, white -> #DFDFDF), enough to recognise what was evicted
+EVICTED_IMAGE_SHARE = 0.15
 
 
 def panel_size(view: ImageView, image_size: tuple[int, int] | None, width: int = PANEL_WIDTH) -> tuple[int, int]:
@@ -66,7 +69,8 @@ def render_kept(base: Image.Image, kept: np.ndarray, has_image: bool = True) -> 
     On a neutral panel (no image) kept cells are filled with the KEPT colour instead."""
     px = np.asarray(base, dtype=np.float64)
     mask = cell_image(base.size, kept)[..., None]
-    washed = 0.25 * px.mean(axis=2, keepdims=True) + 0.75 * np.array(palette.hex_to_rgb(palette.EVICTED_FILL))
+    fill = np.array(palette.hex_to_rgb(palette.EVICTED_FILL))
+    washed = EVICTED_IMAGE_SHARE * px.mean(axis=2, keepdims=True) + (1 - EVICTED_IMAGE_SHARE) * fill
     kept_px = px if has_image else 0.6 * np.array(palette.hex_to_rgb(palette.KEPT)) + 0.4 * px
     img = _gridlines(Image.fromarray(np.where(mask, kept_px, washed).clip(0, 255).astype(np.uint8)), kept.shape)
     return _outline(img, kept)

@@ -425,6 +425,10 @@ def test_overlay_pixels_are_the_legend_colours():
     washed = px[50, 50].astype(int)  # an evicted cell: light grey, as its legend entry says
     assert evicted.words.startswith("light grey") and washed.max() - washed.min() <= 2 and washed.min() > 190
     assert tuple(px[160, 160]) == (120, 60, 200)  # kept pixels unchanged (inside cell (1, 1))
+    for dark_or_light in ((0, 0, 0), (255, 255, 255)):  # light grey whatever the image (the demo scenes are black)
+        plain = Image.new("RGB", (400, 400), dark_or_light)
+        washed = np.asarray(render_kept(base_panel(plain, view, plain.size, 400), kept))[50, 50].astype(int)
+        assert washed.max() - washed.min() <= 1 and 180 <= washed.min() <= 225
 
 
 def test_overlay_legends_in_both_backends(traces):
