@@ -190,7 +190,7 @@ def _png_bytes(pixels: np.ndarray) -> np.ndarray:
         raise ValueError(f"a thumbnail must be (H, W, 3) uint8 with sides <= {MAX_THUMBNAIL_SIDE}, got "
                          f"{a.dtype} {a.shape}")
     buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG", optimize=True)
+    Image.fromarray(a).save(buf, format="PNG")
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
 
