@@ -20,6 +20,7 @@ _PROJ = {"pca": "PCA", "tsne": "t-SNE"}
 
 
 def _finish(fig: go.Figure, title: str, height: int) -> go.Figure:
+    """Shared layout; the template's shape defaults (opacity 0.3) are overridden per line so a black line is black."""
     fig.update_layout(**palette.PLOTLY_LAYOUT, height=height, margin=dict(t=90))
     fig.update_layout(title=dict(text=title, x=0.5, xanchor="center"))
     return fig
@@ -87,9 +88,9 @@ def plot_attention(d: AttentionData) -> go.Figure:
     fig.add_trace(go.Heatmap(z=d.log_rows[rsel][:, d.text_positions], showscale=False,
                              hovertext=_attention_hover(d, d.row_positions[rsel], d.text_positions), **heat), 1, 2)
     for e in np.flatnonzero(np.diff(d.is_vision.astype(int))) + 0.5:
-        fig.add_vline(x=e, line=dict(color=palette.BOUNDARY, width=2), row=1, col=1)
+        fig.add_vline(x=e, line=dict(color=palette.BOUNDARY, width=2), opacity=1, row=1, col=1)
         if d.full:
-            fig.add_hline(y=e, line=dict(color=palette.BOUNDARY, width=2), row=1, col=1)
+            fig.add_hline(y=e, line=dict(color=palette.BOUNDARY, width=2), opacity=1, row=1, col=1)
     total = d.block_sums.sum()
     table = "<br>".join(f"{BLOCK[qk]}: {d.block_sums[qk]:.1f} ({d.block_sums[qk] / total:.0%})" for qk in sorted(BLOCK))
     fig.add_annotation(text=table, xref="x domain", yref="y domain", x=0.98, y=0.98, showarrow=False, align="left",
@@ -166,9 +167,10 @@ def plot_budgets(d: BudgetData) -> go.Figure:
             fig.add_trace(go.Bar(x=layers, y=vals, base=base, offsetgroup=m, name=f"{name}: {label} kept",
                                  marker=dict(color=colour, line=line, pattern_shape="" if m == 0 else "/"),
                                  hovertemplate=f"{name}<br>layer %{{x}}<br>{label} kept %{{y}}<extra></extra>"))
-    fig.add_hline(y=d.uniform, line=dict(color=palette.BOUNDARY, dash="dash", width=2),
+    fig.add_hline(y=d.uniform, line=dict(color=palette.BOUNDARY, dash="dash", width=2), opacity=1,
                   annotation_text=f"uniform budget {d.uniform:.0f}")
-    fig.add_hline(y=d.n_text, line=dict(color=palette.TEXT, dash="dot", width=2), annotation_text=f"all text {d.n_text}",
+    fig.add_hline(y=d.n_text, line=dict(color=palette.TEXT, dash="dot", width=2), opacity=1,
+                  annotation_text=f"all text {d.n_text}",
                   annotation_position="bottom right")
     fig.update_layout(barmode="group", xaxis_title="layer", yaxis_title="kept prompt tokens")
     set_integer_axis(fig, len(layers))

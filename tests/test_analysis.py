@@ -627,3 +627,14 @@ def test_cli_without_any_image_says_so(tmp_path, caplog):
     assert (band == 0).all(axis=2).any() and (band == 255).all(axis=2).any()
     with pytest.raises(SystemExit):
         main(["--trace", str(tmp_path / "a.npz"), "--out", str(out), "--formats", "png,jpgx"])
+
+
+def test_reference_lines_are_drawn_in_their_named_colour(traces):
+    """plotly's simple_white template draws shapes at opacity 0.3 (black would show as grey): lines set opacity 1."""
+    from analysis import plots_plotly
+
+    t = traces["square"]
+    budgets = plots_plotly.plot_budgets(C.compute_budgets([t]))
+    for fig in (plots_plotly.plot_attention(C.compute_attention(t, 1)), budgets):
+        assert fig.layout.shapes and all(s.opacity == 1 for s in fig.layout.shapes)
+    assert [s.line.color for s in budgets.layout.shapes] == [palette.BOUNDARY, palette.TEXT]

@@ -346,7 +346,7 @@ def kl_figure(run: RunState, max_labels: int = KL_MAX_LABELS) -> go.Figure:
     shown_text = [html.escape(f"{i}:{_short(labels[i])}") for i in shown]  # plotly reads '</s>' as markup
     fig = go.Figure(go.Bar(x=x, y=kl, marker_color=colours, customdata=[html.escape(t) for t in labels],
                            hovertemplate="step %{x}: %{customdata}<br>KL %{y:.4f} nats<extra></extra>"))
-    fig.add_hline(y=KL_NOTICEABLE, line=dict(color=palette.REFERENCE, dash="dot", width=1.5),
+    fig.add_hline(y=KL_NOTICEABLE, line=dict(color=palette.REFERENCE, dash="dot", width=1.5), opacity=1,
                   annotation_text=f"{KL_NOTICEABLE} nats", annotation_position="top left")
     fig.update_layout(template="simple_white", height=320, margin=dict(t=50, b=40, l=60, r=20), font=dict(size=14),
                       title=dict(text="KL(full ‖ evicted) of the next-token distribution per answer step", x=0.5,
