@@ -49,6 +49,7 @@ CSS = """
 .answer-text {font-size: 1.35rem; line-height: 1.6; color: #111}
 .answer-text .tok.div {background: #fde2cf; border-bottom: 3px solid #D55E00; border-radius: 3px}
 .answer-meta {margin-top: 8px; font-size: 0.85rem; color: #555}
+.answer-failed .answer-text {font-size: 1rem; color: #777; font-style: italic}
 .answer-meta .same {color: #007a5a; font-weight: 600}
 .answer-meta .differs {color: #D55E00; font-weight: 600}
 .caption {font-size: 0.95rem; color: #333}
@@ -139,7 +140,8 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
                 neigh_caption = gr.Markdown(elem_classes="caption", label="neighbours caption")
             with gr.Tab("Accumulated attention", id="accumulated"):
                 acc_plot = gr.Plot(elem_id="accumulated-plot", label="accumulated attention")
-                acc_caption = gr.Markdown(elem_classes="caption", label="accumulated caption")
+                acc_caption = gr.Markdown(elem_classes="caption", label="accumulated caption",
+                                          elem_id="accumulated-caption")
             with gr.Tab("Explain", id="explain"):
                 with gr.Column(elem_classes="explain"):
                     ex_intro = gr.Markdown("Run a comparison to get a walkthrough of this input.", label="explain intro")
@@ -176,22 +178,38 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
                         attn_plot, attn_caption, neigh_plot, neigh_caption, acc_plot, acc_caption,
                         ex_intro, ex_tvb_fig, ex_tvb, ex_twr_fig, ex_twr, ex_tpr_img, ex_tpr]
 
+        export_outputs = [export_files, export_md]
+        cleared = run_outputs + diag_outputs + export_outputs  # emptied by a failed run (handlers.cleared_run_outputs)
+        private = dict(api_visibility="private")
+
+        def on_failure(event) -> None:
+            event.failure(h["run_failed"], None, cleared, **private)
+
+        # a new input: diagnostics at the default layer, in the overlay mode the visitor chose
         run_event = gr.on([run_btn.click, question.submit], h["run"], run_inputs, run_outputs, api_name="compare",
                           **heavy)
-        run_event.success(h["diagnostics"], [run_state], diag_outputs, api_name="diagnostics", **heavy)
+        on_failure(run_event)
+        on_failure(run_event.success(h["diagnostics"], [run_state, overlay_mode], diag_outputs, api_name="diagnostics",
+                                     **heavy))
         for ex in (scene_ex, photo_ex):
-            ex.load_input_event.then(h["run"], run_inputs, run_outputs, api_visibility="private", **heavy).success(
-                h["diagnostics"], [run_state], diag_outputs, api_visibility="private", **heavy)
-        gr.on([keep.release, method.input], h["rerun"], [run_state, *run_inputs], run_outputs, api_visibility="private",
-              trigger_mode="always_last", **heavy).success(h["diagnostics_if_run"], [run_state], diag_outputs,
-                                                           api_visibility="private", **heavy)
+            ex_run = ex.load_input_event.then(h["run"], run_inputs, run_outputs, **private, **heavy)
+            on_failure(ex_run)
+            on_failure(ex_run.success(h["diagnostics"], [run_state, overlay_mode], diag_outputs, **private, **heavy))
+        # a settings change on the same input: keeps the overlay mode and layer the visitor is looking at
+        rerun = gr.on([keep.release, method.input], h["rerun"], [run_state, *run_inputs], run_outputs,
+                      trigger_mode="always_last", **private, **heavy)
+        on_failure(rerun)
+        on_failure(rerun.success(h["diagnostics_if_run"], [run_state, overlay_mode, overlay_layer], diag_outputs,
+                                 **private, **heavy))
         gr.on([overlay_layer.release, overlay_mode.input], h["overlay"], [run_state, overlay_layer, overlay_mode],
               [overlay_img, overlay_caption], api_name="overlay", trigger_mode="always_last")
         attn_layer.release(h["attention"], [run_state, attn_layer], [attn_plot, attn_caption], api_name="attention",
                            trigger_mode="always_last")
-        cmp_btn.click(h["compare_methods"], [image, question, model, cmp_a, cmp_b, keep, max_new, cmp_layer],
-                      [cmp_plot, cmp_budgets, cmp_md], api_name="compare_methods", **heavy)
-        export_btn.click(h["export"], [run_state], [export_files, export_md], api_name="export")
+        cmp_inputs = [image, question, model, cmp_a, cmp_b, keep, max_new, cmp_layer]
+        cmp_event = cmp_btn.click(h["compare_methods"], cmp_inputs, [cmp_plot, cmp_budgets, cmp_md],
+                                  api_name="compare_methods", **heavy)
+        cmp_event.failure(h["compare_failed"], None, [cmp_plot, cmp_budgets, cmp_md], **private)
+        export_btn.click(h["export"], [run_state], export_outputs, api_name="export")
     return demo
 
 

@@ -125,6 +125,10 @@ class AccumulatedData:
     share_method: dict[str, float]
     tokens: list[str]
 
+    def eviction_rows(self) -> list[tuple[str, np.ndarray]]:
+        """The strips of the lower panel, top to bottom (both back-ends draw them in this order; captions say so)."""
+        return [(self.method, self.evicted_method), ("attention-only", self.evicted_attention_only)]
+
 
 def accumulated_attention(trace: Trace) -> tuple[np.ndarray, str]:
     """(L, T) attention each token receives, and a description of the queries it covers."""

@@ -34,6 +34,19 @@ def accumulated(d: AccumulatedData) -> str:
     return f"Attention-only eviction drops {a:.0%} of text KV; {d.method} drops {m:.0%}{scope}"
 
 
+def row_position(i: int, n: int) -> str:
+    """Where the i-th of n stacked rows is: 'top row', 'bottom row', 'row 2 from the top'."""
+    return "top row" if i == 0 else "bottom row" if i == n - 1 else f"row {i + 1} from the top"
+
+
+def eviction_rows(d: AccumulatedData) -> str:
+    """Which strip of the accumulated-attention figure is which, read from the order the figure draws them."""
+    rows = d.eviction_rows()
+    names = {"attention-only": "attention-only ranking (same per-layer budgets)"}
+    return "; ".join(f"{row_position(i, len(rows))}: {names.get(label, label + ' (the traced method)')}"
+                     for i, (label, _) in enumerate(rows))
+
+
 def overlay(d: OverlayData) -> str:
     n_cells = sum(k.size for k in d.kept)
     n_kept = sum(int(k.sum()) for k in d.kept)

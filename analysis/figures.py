@@ -3,9 +3,10 @@
     python -m analysis.figures --trace run.npz --out figs/ [--compare other.npz ...] [--image photo.png ...]
                                [--layer N] [--formats png,svg,pdf] [--html] [--projection pca|tsne|none]
 
-Static figures are written per format (matplotlib), interactive ones as `.html` with `--html` (plotly), overlay
-panels as plain PNGs for the app, and the one-line findings in `captions.json`. Without `--image` the overlays are
-drawn on a neutral grid with each view's geometry.
+Static figures are written per format (matplotlib; PNG and SVG by default), interactive ones as `.html` with
+`--html` (plotly), overlay panels as plain PNGs for the app, and the one-line findings in `captions.json`.
+The overlays are drawn on the image stored in the trace (a small copy; `--image` gives the original instead); a trace
+without one is drawn on a neutral grid with each view's geometry, marked "no image stored".
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ from . import compute, explain, plots_mpl, plots_plotly
 from .overlay import overlay_panels
 
 log = logging.getLogger(__name__)
+
+DEFAULT_FORMATS = ("png", "svg")
+FORMATS = ("png", "svg", "pdf")
 
 
 def figure_specs(traces: Sequence[Trace], layer: int, projection: str | None, top_k: int) -> dict[str, tuple[Callable[[], Any], str]]:
@@ -93,14 +97,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace", required=True, type=Path, help="saved trace (.npz or .json)")
     p.add_argument("--compare", nargs="*", default=[], type=Path, help="traces of other methods on the same input")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--image", nargs="*", default=[], type=Path, help="the prompt's original image(s), in order")
+    p.add_argument("--image", nargs="*", default=[], type=Path,
+                   help="the prompt's original image(s), in order (default: the copy stored in the trace)")
     p.add_argument("--layer", type=int, default=None,
                    help="layer for the per-layer figures (default: the evicted layer with the largest budget)")
-    p.add_argument("--formats", default="png", help="comma-separated matplotlib formats: png,svg,pdf")
+    p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                   help="comma-separated matplotlib formats among png,svg,pdf (default: %(default)s)")
     p.add_argument("--html", action="store_true", help="also write interactive plotly .html files")
     p.add_argument("--projection", default="pca", choices=["pca", "tsne", "none"])
     p.add_argument("--top-k", type=int, default=5, help="highlighted text->image patches")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [f for f in args.formats.split(",") if f.strip() and f.strip() not in FORMATS]
+    if unknown:
+        p.error(f"unknown figure format(s) {', '.join(map(repr, unknown))}; choose among {','.join(FORMATS)}")
+    return args
 
 
 @dataclass
@@ -148,7 +158,10 @@ def check_inputs(args: argparse.Namespace) -> FigureInputs:
     if args.image and len(args.image) != expected:
         raise ValueError(f"--image: the trace was run on {expected} image(s), got {len(args.image)} file(s); give "
                          "the prompt's images in order, or none")
-    images = [load_image_file(p) for p in args.image] or None
+    images = [load_image_file(p) for p in args.image] or traces[0].images() or None
+    if images is None:
+        log.warning("the trace stores no image and no --image was given: overlays are drawn on a neutral grid, "
+                    "marked 'no image stored'")
     for i, (path, im) in enumerate(zip(args.image, images or [])):
         hashes = traces[0].image_sha256
         if i < len(hashes) and pixel_sha256(im) != hashes[i]:

@@ -2,7 +2,8 @@
 
 Each view is drawn on the region of its original image given by `view.box`, so base views, anyres tile mosaics and
 dynamic grids all land on the right pixels; layout tokens (newlines) have no cell and are never drawn. Without an
-image, a neutral panel with the view's aspect ratio stands in.
+image, a neutral panel with the view's aspect ratio stands in and the panel title says "no image stored".
+What each colour means is `analysis.legend.overlay_legend`, which the figures and captions quote.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from .compute import OverlayData
 
 PANEL_WIDTH = 480  # px of the longer panel side
 NEUTRAL = (236, 236, 236)
-EVICTED_FILL = "#D9D9D9"  # evicted patches are washed out towards this light grey
+NO_IMAGE = "no image stored"
+#: how much of the image shows through an evicted patch: little enough that it reads as the light grey the legend
+#: names on any image (black -> #B8B8B8, white -> #DFDFDF), enough to recognise what was evicted
+EVICTED_IMAGE_SHARE = 0.15
 
 
 def panel_size(view: ImageView, image_size: tuple[int, int] | None, width: int = PANEL_WIDTH) -> tuple[int, int]:
@@ -65,7 +69,8 @@ def render_kept(base: Image.Image, kept: np.ndarray, has_image: bool = True) -> 
     On a neutral panel (no image) kept cells are filled with the KEPT colour instead."""
     px = np.asarray(base, dtype=np.float64)
     mask = cell_image(base.size, kept)[..., None]
-    washed = 0.25 * px.mean(axis=2, keepdims=True) + 0.75 * np.array(palette.hex_to_rgb(EVICTED_FILL))
+    fill = np.array(palette.hex_to_rgb(palette.EVICTED_FILL))
+    washed = EVICTED_IMAGE_SHARE * px.mean(axis=2, keepdims=True) + (1 - EVICTED_IMAGE_SHARE) * fill
     kept_px = px if has_image else 0.6 * np.array(palette.hex_to_rgb(palette.KEPT)) + 0.4 * px
     img = _gridlines(Image.fromarray(np.where(mask, kept_px, washed).clip(0, 255).astype(np.uint8)), kept.shape)
     return _outline(img, kept)
@@ -97,7 +102,7 @@ def render_counts(base: Image.Image, counts: np.ndarray, num_layers: int) -> Ima
 
 
 def draw_highlights(img: Image.Image, grid_shape: tuple[int, int], cells: Sequence[tuple[int, int]]) -> Image.Image:
-    """Outline the given (row, col) cells in the highlight colour, numbered by rank."""
+    """Outline the given (row, col) cells in the highlight colour."""
     img = img.copy()
     draw = ImageDraw.Draw(img)
     xe, ye = cell_edges(img.size, *grid_shape)
@@ -119,6 +124,16 @@ def _gridlines(img: Image.Image, shape: tuple[int, int]) -> Image.Image:
     return img
 
 
+def _banner(img: Image.Image, text: str) -> Image.Image:
+    """`text` on a white band along the panel's bottom edge (says why there is no picture under the cells)."""
+    draw = ImageDraw.Draw(img)
+    size = max(10, img.width // 24)
+    x0, y0, x1, y1 = draw.textbbox((img.width / 2, img.height - 4), text, anchor="mb", font_size=size)
+    draw.rectangle((x0 - 6, y0 - 4, x1 + 6, img.height), fill=(255, 255, 255))
+    draw.text((img.width / 2, img.height - 4), text, anchor="mb", fill=(0, 0, 0), font_size=size)
+    return img
+
+
 def _cell_numbers(img: Image.Image, counts: np.ndarray) -> Image.Image:
     xe, ye = cell_edges(img.size, *counts.shape)
     if min(np.diff(xe).min(), np.diff(ye).min()) < 24:
@@ -130,12 +145,17 @@ def _cell_numbers(img: Image.Image, counts: np.ndarray) -> Image.Image:
     return img
 
 
+def views_with_image(data: OverlayData, images: Sequence[Image.Image] | None) -> list[bool]:
+    """Per view: whether its original image is available (otherwise the panel is a neutral stand-in)."""
+    return [bool(images) and v.image_index < len(images) and images[v.image_index] is not None for v in data.views]
+
+
 def overlay_panels(data: OverlayData, images: Sequence[Image.Image] | None = None, kind: str = "kept",
                    width: int = PANEL_WIDTH) -> list[tuple[str, Image.Image]]:
     """One (title, PIL image) per view: kind 'kept' (the chosen layer) or 'counts' (layers keeping each patch)."""
     panels = []
     for vi, view in enumerate(data.views):
-        image = images[view.image_index] if images and view.image_index < len(images) else None
+        image = images[view.image_index] if views_with_image(data, images)[vi] else None
         size = data.image_sizes[view.image_index] if view.image_index < len(data.image_sizes) else None
         base = base_panel(image, view, size, width)
         if kind == "kept":
@@ -147,5 +167,8 @@ def overlay_panels(data: OverlayData, images: Sequence[Image.Image] | None = Non
         else:
             raise ValueError(f"overlay kind must be 'kept' or 'counts', got {kind!r}")
         img = draw_highlights(img, (view.rows, view.cols), [(r, c) for v, r, c in data.top if v == vi])
+        if image is None:
+            title += f" ({NO_IMAGE})"
+            img = _banner(img, NO_IMAGE)
         panels.append((title, img))
     return panels

@@ -18,11 +18,12 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from . import explain, palette
+from . import explain, palette, ticks
 from .arrays import MODALITIES
 from .compute import AccumulatedData, AttentionData, BudgetData, ComparisonData, NeighbourData, OverlayData
 from .explain import BLOCK
-from .overlay import overlay_panels
+from .legend import LegendEntry, accumulated_legend, budgets_legend, overlay_legend
+from .overlay import overlay_panels, views_with_image
 
 
 def projector_style(fn: Callable[..., Figure]) -> Callable[..., Figure]:
@@ -126,15 +127,49 @@ def plot_accumulated(d: AccumulatedData) -> Figure:
         ax.bar(x[sel], d.accumulated[sel], width=1.0, color=palette.MODALITY[m], label=m)
     ax.set(yscale="log", ylabel="accumulated attention\n(sum over queries, layers)",
            title=f"attention each token receives ({d.source}); attention-only = top tokens by it, same per-layer budgets")
-    ax.legend(frameon=False, loc="upper right")
-    strips = np.stack([d.evicted_attention_only, d.evicted_method])
-    im = ax_ev.imshow(strips, aspect="auto", cmap=palette.SEQUENTIAL, vmin=0, vmax=1, interpolation="nearest",
-                      extent=(-0.5, len(x) - 0.5, 1.5, -0.5))
-    ax_ev.set_yticks([0, 1], ["attention-only", d.method])
+    set_log_ticks(ax, d.accumulated)
+    ax.legend(handles=legend_handles(accumulated_legend()[:2]), frameon=False, loc="upper right")
+    rows = d.eviction_rows()  # top to bottom
+    im = ax_ev.imshow(np.stack([v for _, v in rows]), aspect="auto", cmap=palette.SEQUENTIAL, vmin=0, vmax=1,
+                      interpolation="nearest", extent=(-0.5, len(x) - 0.5, len(rows) - 0.5, -0.5))
+    ax_ev.set_yticks(np.arange(len(rows)), [label for label, _ in rows])
     ax_ev.set(xlabel="prompt position", title="fraction of layers evicting each token")
-    fig.colorbar(im, ax=ax_ev, label="layers evicting", shrink=0.9)
+    fig.colorbar(im, ax=ax_ev, label="fraction of layers evicting", shrink=0.9)
     _title(fig, explain.accumulated(d))
     return fig
+
+
+def set_log_ticks(ax, values, which: str = "y") -> None:
+    """Log axis with one labelled tick per decade (1, 10, 100 ...), unlabelled minor ticks, limits at whole decades."""
+    from matplotlib.ticker import NullFormatter
+
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    lo, hi = ticks.decade_range(values)
+    (ax.set_ylim if which == "y" else ax.set_xlim)(10.0 ** lo, 10.0 ** hi)
+    axis.set_ticks(*ticks.decade_ticks(values))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def set_integer_ticks(axis, n: int, max_ticks: int = 20) -> None:
+    """Whole-number ticks 0..n-1 (a layer axis never shows 0.5)."""
+    axis.set_ticks(ticks.integer_ticks(n, max_ticks))
+
+
+def legend_handles(entries: Sequence[LegendEntry]) -> list:
+    """matplotlib legend handles drawn like the marks they describe, labelled with the entries' meanings."""
+    handles = []
+    for e in entries:
+        label = e.meaning
+        if e.mark in ("outline", "boxes"):
+            handles.append(Patch(facecolor="none", edgecolor=e.colour, lw=3, label=label))
+        elif e.mark in ("patches", "bars"):
+            handles.append(Patch(facecolor=e.colour, label=label))
+        elif e.mark.endswith("line"):
+            ls = {"line": "-", "dashed line": "--", "dotted line": ":"}[e.mark]
+            handles.append(Line2D([], [], color=e.colour, ls=ls, lw=2.5, label=label))
+        else:
+            raise ValueError(f"legend mark {e.mark!r} has no matplotlib handle (colour scales get a colour bar)")
+    return handles
 
 
 def _show_panels(axes, panels: list[tuple[str, Image.Image]]) -> None:
@@ -153,10 +188,8 @@ def plot_overlay(d: OverlayData, images: Sequence[Image.Image] | None = None) ->
     axes = fig.subplots(len(d.views), 2, squeeze=False, height_ratios=heights)
     _show_panels(axes[:, 0], kept)
     _show_panels(axes[:, 1], counts)
-    handles = [Patch(facecolor="white", edgecolor=palette.KEPT, lw=3, label=f"kept at layer {d.layer}"),
-               Patch(facecolor="#D9D9D9", label="evicted"),
-               Patch(facecolor="white", edgecolor=palette.HIGHLIGHT, lw=3, label="top text→image")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    entries = overlay_legend("kept", d.layer, d.num_layers, len(d.top), all(views_with_image(d, images)))
+    fig.legend(handles=legend_handles(entries), loc="outside lower center", ncols=1, frameon=False)
     sm = ScalarMappable(Normalize(0, d.num_layers), palette.SEQUENTIAL)
     cbar = fig.colorbar(sm, ax=axes[:, 1], label="layers keeping the patch", shrink=0.8)
     cbar.locator = MaxNLocator(integer=True)
@@ -183,15 +216,14 @@ def plot_budgets(d: BudgetData) -> Figure:
     never = np.flatnonzero(d.never_evicted) if d.never_evicted is not None else []
     for layer in never:  # layers that keep everything by construction, behind the bars
         ax.axvspan(layer - 0.45, layer + 0.45, color=palette.NEVER_EVICTED, alpha=0.45, lw=0, zorder=0)
-    handles = [Patch(color=palette.TEXT, label="text kept"), Patch(color=palette.VISION, label="vision kept"),
-               Line2D([], [], color=palette.BOUNDARY, ls="--", label=f"uniform budget ({d.uniform:.0f})"),
-               Line2D([], [], color=palette.TEXT, ls=":", lw=2.5, label=f"all text ({d.n_text})")]
+    handles = legend_handles(budgets_legend(d.uniform, d.n_text))
     if len(never):
         handles.append(Patch(color=palette.NEVER_EVICTED, alpha=0.45, label="never evicted (own window)"))
     handles += [Patch(facecolor="white", edgecolor=palette.method_colour(m), lw=2, hatch=None if m == 0 else "//",
                       label=name) for m, name in enumerate(d.methods)] if M > 1 else []
     ax.legend(handles=handles, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set(xlabel="layer", ylabel="kept prompt tokens", xticks=np.arange(L))
+    ax.set(xlabel="layer", ylabel="kept prompt tokens")
+    set_integer_ticks(ax.xaxis, L)
     _title(fig, explain.budgets(d))
     return fig
 
@@ -207,12 +239,16 @@ def plot_comparison(d: ComparisonData, images: Sequence[Image.Image] | None = No
         c = palette.method_colour(p)
         ax.plot(d.jaccard[p], color=c, marker="o", label=f"{d.methods[i]} vs {d.methods[j]}")
         ax.plot(d.jaccard_vision[p], color=c, ls="--", marker="s")
-    ax.set_xticks(np.arange(d.jaccard.shape[1]))
+    set_integer_ticks(ax.xaxis, d.jaccard.shape[1])
     ax.set(xlabel="layer", ylabel="Jaccard of kept sets", ylim=(-0.02, 1.05),
            title="solid: all prompt tokens · dashed: vision tokens only")
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for m, ov in enumerate(d.overlays):
         axes = [fig.add_subplot(grid[1 + v, m]) for v in range(V)]
         _show_panels(axes, [(f"{d.methods[m]}: {t}", img) for t, img in overlay_panels(ov, images, "kept")])
+    if d.overlays:
+        ov = d.overlays[0]
+        entries = overlay_legend("kept", ov.layer, ov.num_layers, len(ov.top), all(views_with_image(ov, images)))
+        fig.legend(handles=legend_handles(entries), loc="outside lower center", ncols=1, frameon=False)
     _title(fig, explain.comparison(d))
     return fig

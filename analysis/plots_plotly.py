@@ -8,20 +8,45 @@ import plotly.graph_objects as go
 from PIL import Image
 from plotly.subplots import make_subplots
 
-from . import explain, palette
+from . import explain, palette, ticks
 from .arrays import MODALITIES
 from .compute import AccumulatedData, AttentionData, BudgetData, ComparisonData, NeighbourData, OverlayData
 from .explain import BLOCK
-from .overlay import cell_edges, overlay_panels
+from .legend import LegendEntry, legend_html, overlay_legend
+from .overlay import cell_edges, overlay_panels, views_with_image
 
 
 _PROJ = {"pca": "PCA", "tsne": "t-SNE"}
 
 
 def _finish(fig: go.Figure, title: str, height: int) -> go.Figure:
+    """Shared layout; the template's shape defaults (opacity 0.3) are overridden per line so a black line is black."""
     fig.update_layout(**palette.PLOTLY_LAYOUT, height=height, margin=dict(t=90))
     fig.update_layout(title=dict(text=title, x=0.5, xanchor="center"))
     return fig
+
+
+def add_legend_below(fig: go.Figure, entries: Sequence[LegendEntry], height: int) -> int:
+    """Legend lines under the plot area; returns the figure height grown by the room they take."""
+    room = 26 * len(entries) + 20
+    fig.add_annotation(text=legend_html(entries), xref="paper", yref="paper", x=0, y=0, yshift=-12, xanchor="left",
+                       yanchor="top", align="left", showarrow=False, font=dict(size=14))
+    fig.update_layout(margin=dict(b=room + 20))
+    return height + room
+
+
+def set_integer_axis(fig: go.Figure, n: int, row: int | None = None, col: int | None = None, max_ticks: int = 20,
+                     start: int = 0) -> None:
+    """Whole-number ticks (layers 0..n-1, or k = 1..n with start=1): never 0.5."""
+    vals = [start + v for v in ticks.integer_ticks(n, max_ticks)]
+    fig.update_xaxes(tickmode="array", tickvals=vals, ticktext=[str(v) for v in vals], row=row, col=col)
+
+
+def set_log_axis(fig: go.Figure, values: np.ndarray, row: int | None = None, col: int | None = None) -> None:
+    """Log y axis labelled once per decade (1, 10, 100 ...) over whole decades."""
+    vals, labels = ticks.decade_ticks(values)
+    lo, hi = ticks.decade_range(values)
+    fig.update_yaxes(type="log", tickmode="array", tickvals=vals, ticktext=labels, range=[lo, hi], row=row, col=col)
 
 
 def plot_neighbours(d: NeighbourData) -> go.Figure:
@@ -39,6 +64,7 @@ def plot_neighbours(d: NeighbourData) -> go.Figure:
                                      marker=dict(color=palette.MODALITY[m], size=7, opacity=0.8),
                                      hovertext=[f"{d.tokens[p]!r} @ {p}" for p in pos], hoverinfo="text"), 1, 2)
     fig.update_xaxes(title_text="k nearest neighbours", row=1, col=1)
+    set_integer_axis(fig, max(len(c) for c in d.curves.values()), 1, 1, max_ticks=12, start=1)
     fig.update_yaxes(title_text="mean cosine similarity", row=1, col=1)
     return _finish(fig, explain.neighbours(d), 520)
 
@@ -62,9 +88,9 @@ def plot_attention(d: AttentionData) -> go.Figure:
     fig.add_trace(go.Heatmap(z=d.log_rows[rsel][:, d.text_positions], showscale=False,
                              hovertext=_attention_hover(d, d.row_positions[rsel], d.text_positions), **heat), 1, 2)
     for e in np.flatnonzero(np.diff(d.is_vision.astype(int))) + 0.5:
-        fig.add_vline(x=e, line=dict(color=palette.BOUNDARY, width=2), row=1, col=1)
+        fig.add_vline(x=e, line=dict(color=palette.BOUNDARY, width=2), opacity=1, row=1, col=1)
         if d.full:
-            fig.add_hline(y=e, line=dict(color=palette.BOUNDARY, width=2), row=1, col=1)
+            fig.add_hline(y=e, line=dict(color=palette.BOUNDARY, width=2), opacity=1, row=1, col=1)
     total = d.block_sums.sum()
     table = "<br>".join(f"{BLOCK[qk]}: {d.block_sums[qk]:.1f} ({d.block_sums[qk] / total:.0%})" for qk in sorted(BLOCK))
     fig.add_annotation(text=table, xref="x domain", yref="y domain", x=0.98, y=0.98, showarrow=False, align="left",
@@ -82,11 +108,15 @@ def plot_accumulated(d: AccumulatedData) -> go.Figure:
     for m, sel in zip(MODALITIES, (~d.is_vision, d.is_vision)):
         fig.add_trace(go.Bar(x=x[sel], y=d.accumulated[sel], name=m, marker_color=palette.MODALITY[m],
                              hovertext=[f"{d.tokens[p]!r} @ {p}" for p in x[sel]], hoverinfo="text+y"), 1, 1)
-    hover = [[f"{d.tokens[p]!r} @ {p}" for p in x]] * 2
-    fig.add_trace(go.Heatmap(z=np.stack([d.evicted_attention_only, d.evicted_method]), x=x, y=["attention-only", d.method],
+    rows = d.eviction_rows()  # top to bottom
+    hover = [[f"{d.tokens[p]!r} @ {p}" for p in x]] * len(rows)
+    fig.add_trace(go.Heatmap(z=np.stack([v for _, v in rows]), x=x, y=[label for label, _ in rows],
                              colorscale=palette.SEQUENTIAL.capitalize(), zmin=0, zmax=1, hovertext=hover,
-                             hoverinfo="text+z", colorbar=dict(title="layers<br>evicting", y=0.15, len=0.35)), 2, 1)
-    fig.update_yaxes(type="log", title_text="accumulated attention", row=1, col=1)
+                             hoverinfo="text+z", colorbar=dict(title="fraction of<br>layers evicting", y=0.15,
+                                                               len=0.35)), 2, 1)
+    set_log_axis(fig, d.accumulated, 1, 1)
+    fig.update_yaxes(title_text="accumulated attention", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", row=2, col=1)  # first row on top, as eviction_rows() lists them
     fig.update_xaxes(title_text="prompt position", row=2, col=1)
     fig.update_layout(bargap=0)
     return _finish(fig, explain.accumulated(d), 620)
@@ -121,7 +151,11 @@ def plot_overlay(d: OverlayData, images: Sequence[Image.Image] | None = None) ->
     for vi in range(len(d.views)):
         _add_panel(fig, kept[vi][1], _overlay_cells(d, vi), vi + 1, 1)
         _add_panel(fig, counts[vi][1], _overlay_cells(d, vi), vi + 1, 2)
-    return _finish(fig, explain.overlay(d), 120 + 430 * len(d.views))
+    has_image = all(views_with_image(d, images))
+    entries = overlay_legend("kept", d.layer, d.num_layers, len(d.top), has_image)
+    entries += overlay_legend("counts", d.layer, d.num_layers, 0)
+    height = add_legend_below(fig, entries, 120 + 430 * len(d.views))
+    return _finish(fig, explain.overlay(d), height)
 
 
 def plot_budgets(d: BudgetData) -> go.Figure:
@@ -133,9 +167,10 @@ def plot_budgets(d: BudgetData) -> go.Figure:
             fig.add_trace(go.Bar(x=layers, y=vals, base=base, offsetgroup=m, name=f"{name}: {label} kept",
                                  marker=dict(color=colour, line=line, pattern_shape="" if m == 0 else "/"),
                                  hovertemplate=f"{name}<br>layer %{{x}}<br>{label} kept %{{y}}<extra></extra>"))
-    fig.add_hline(y=d.uniform, line=dict(color=palette.BOUNDARY, dash="dash", width=2),
+    fig.add_hline(y=d.uniform, line=dict(color=palette.BOUNDARY, dash="dash", width=2), opacity=1,
                   annotation_text=f"uniform budget {d.uniform:.0f}")
-    fig.add_hline(y=d.n_text, line=dict(color=palette.TEXT, dash="dot", width=2), annotation_text=f"all text {d.n_text}",
+    fig.add_hline(y=d.n_text, line=dict(color=palette.TEXT, dash="dot", width=2), opacity=1,
+                  annotation_text=f"all text {d.n_text}",
                   annotation_position="bottom right")
     never = np.flatnonzero(d.never_evicted) if d.never_evicted is not None else []
     for layer in never:  # layers that keep everything by construction
@@ -145,6 +180,7 @@ def plot_budgets(d: BudgetData) -> go.Figure:
         fig.add_trace(go.Bar(x=[None], y=[None], name="never evicted (own window)", marker_color=palette.NEVER_EVICTED,
                              opacity=0.45, hoverinfo="skip"))
     fig.update_layout(barmode="group", xaxis_title="layer", yaxis_title="kept prompt tokens")
+    set_integer_axis(fig, len(layers))
     return _finish(fig, explain.budgets(d), 520)
 
 
@@ -154,14 +190,22 @@ def plot_comparison(d: ComparisonData, images: Sequence[Image.Image] | None = No
     panels = [overlay_panels(ov, images, "kept") for ov in d.overlays]
     titles = ["Jaccard of kept sets per layer"] + [f"{d.methods[m]}: {panels[m][v][0]}" for v in range(V) for m in range(M)]
     fig = make_subplots(1 + V, M, specs=specs, subplot_titles=titles, vertical_spacing=0.08)
+    layers = np.arange(d.jaccard.shape[1])
     for p, (i, j) in enumerate(d.pairs):
         c = palette.method_colour(p)
         for vals, dash, what in ((d.jaccard[p], "solid", "all tokens"), (d.jaccard_vision[p], "dash", "vision only")):
-            fig.add_trace(go.Scatter(y=vals, mode="lines+markers", line=dict(color=c, width=3, dash=dash),
-                                     name=f"{d.methods[i]} vs {d.methods[j]}: {what}"), 1, 1)
+            fig.add_trace(go.Scatter(x=layers, y=vals, mode="lines+markers", line=dict(color=c, width=3, dash=dash),
+                                     name=f"{d.methods[i]} vs {d.methods[j]}: {what}",
+                                     hovertemplate="layer %{x}<br>Jaccard %{y:.2f}<extra></extra>"), 1, 1)
     for m, ov in enumerate(d.overlays):
         for v in range(V):
             _add_panel(fig, panels[m][v][1], _overlay_cells(ov, v), 2 + v, 1 + m)
     fig.update_yaxes(range=[0, 1.05], title_text="Jaccard", row=1, col=1)
     fig.update_xaxes(title_text="layer", row=1, col=1)
-    return _finish(fig, explain.comparison(d), 380 + 420 * V)
+    set_integer_axis(fig, len(layers), 1, 1)
+    height = 380 + 420 * V
+    if d.overlays:
+        ov = d.overlays[0]
+        entries = overlay_legend("kept", ov.layer, ov.num_layers, len(ov.top), all(views_with_image(ov, images)))
+        height = add_legend_below(fig, entries, height)
+    return _finish(fig, explain.comparison(d), height)

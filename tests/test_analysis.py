@@ -30,7 +30,7 @@ def traces():
     return {k: synthetic_trace(f(), num_layers=4, keep_ratio=ratios[k], seed=1) for k, f in LAYOUTS.items()}
 
 
-# -- block sums ---------------------------------------------------------------------------------------------------------
+# -- block sums --------------------------------------------------------------------------------------------------------
 def test_block_sums_hand_example():
     attn = np.array([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.2, 0.3, 0.5, 0], [0.1, 0.2, 0.3, 0.4]])
     vis = np.array([False, True, True, False])
@@ -218,7 +218,7 @@ def test_projection_separates_modalities(traces):
         A.project_2d(np.ones((3, 2)), "umap")
 
 
-# -- accumulated attention, budgets, Jaccard ----------------------------------------------------------------------------
+# -- accumulated attention, budgets, Jaccard ---------------------------------------------------------------------------
 def test_top_budget_keep_and_accumulation(traces):
     keep = A.top_budget_keep(np.array([[0.1, 0.5, 0.3, 0.5], [1, 2, 3, 4]]), np.array([2, 1]))
     np.testing.assert_array_equal(keep, [[False, True, False, True], [False, False, False, True]])
@@ -376,3 +376,265 @@ def test_box_slightly_outside_the_image_and_missing_image():
     assert panel[60, 100, 2] == 255 and panel[1, 100].sum() == 0  # image in the middle, padding sliver black
     d = C.compute_overlay(synthetic_trace(layout_two_images(), 2, 0.6), 0)
     assert len(overlay_panels(d, [img])) == 2  # second image missing: neutral panel, no error
+
+
+# -- figures say what they show (issue 15) -----------------------------------------------------------------------------
+def test_palette_names_every_caption_colour():
+    from analysis.legend import accumulated_legend, attention_legend, budgets_legend, neighbours_legend, overlay_legend
+
+    assert palette.name_of(palette.HIGHLIGHT) == "red-orange" and palette.name_of(palette.KEPT) == "green"
+    assert palette.name_of(palette.VISION) == "orange" and palette.name_of(palette.TEXT) == "blue"
+    assert palette.name_of(palette.HIGHLIGHT.lower()) == "red-orange"
+    with pytest.raises(KeyError, match="no caption name"):
+        palette.name_of("#123456")
+    entries = (overlay_legend("kept", 2, 4, 5) + overlay_legend("kept", 2, 4, 5, has_image=False)
+               + overlay_legend("counts", 2, 4, 5) + accumulated_legend() + budgets_legend(15.0, 10)
+               + attention_legend() + neighbours_legend())
+    for e in entries:  # every entry's words start with the palette's name of the colour it is drawn in
+        if e.mark == "scale":
+            lo, hi = palette.COLORMAP_ENDS[e.colour]
+            assert e.words == f"colour from {lo} to {hi}"
+        else:
+            assert e.words == f"{palette.COLOUR_NAMES[e.colour]} {e.mark}"
+        assert e.sentence() == f"{e.words}: {e.meaning}"
+    assert [e.sentence() for e in overlay_legend("kept", 2, 4, 5)] == [
+        "green outline: patches kept at layer 2, pixels unchanged",
+        "light grey patches: evicted at layer 2, washed out",
+        "red-orange boxes: the 5 patches with the highest text→image score"]
+    assert overlay_legend("counts", 2, 4, 0)[0].words == "colour from dark purple to yellow"
+    with pytest.raises(ValueError, match="legend mark"):
+        from analysis.legend import LegendEntry
+        LegendEntry("stripes", palette.TEXT, "x")
+
+
+def test_overlay_pixels_are_the_legend_colours():
+    """The outline, boxes and washed-out cells are drawn in exactly the colours the legend names."""
+    from analysis.legend import overlay_legend
+    from analysis.overlay import draw_highlights
+
+    view = ImageView(0, "image", 4, 4)
+    kept = np.zeros((4, 4), bool)
+    kept[1:3, 1:3] = True
+    img = Image.new("RGB", (400, 400), (120, 60, 200))
+    panel = render_kept(base_panel(img, view, img.size, 400), kept)
+    panel = draw_highlights(panel, (4, 4), [(3, 3)])
+    px = np.asarray(panel)
+    outline, evicted, boxes = overlay_legend("kept", 0, 1, 1)
+    assert tuple(px[100, 150]) == palette.hex_to_rgb(outline.colour)  # top edge of the kept block (cell row 1 at y=100)
+    assert tuple(px[300, 350]) == palette.hex_to_rgb(boxes.colour)  # top edge of the boxed cell (3, 3)
+    washed = px[50, 50].astype(int)  # an evicted cell: light grey, as its legend entry says
+    assert evicted.words.startswith("light grey") and washed.max() - washed.min() <= 2 and washed.min() > 190
+    assert tuple(px[160, 160]) == (120, 60, 200)  # kept pixels unchanged (inside cell (1, 1))
+    for dark_or_light in ((0, 0, 0), (255, 255, 255)):  # light grey whatever the image (the demo scenes are black)
+        plain = Image.new("RGB", (400, 400), dark_or_light)
+        washed = np.asarray(render_kept(base_panel(plain, view, plain.size, 400), kept))[50, 50].astype(int)
+        assert washed.max() - washed.min() <= 1 and 180 <= washed.min() <= 225
+
+
+def test_overlay_legends_in_both_backends(traces):
+    from analysis import plots_mpl, plots_plotly
+    from analysis.legend import legend_html, overlay_legend
+
+    t = traces["square"]
+    d = C.compute_overlay(t, 1)
+    img = [Image.new("RGB", (96, 96), (30, 30, 30))]
+    entries = overlay_legend("kept", 1, t.num_layers, len(d.top))
+    mfig = plots_mpl.plot_overlay(d, img)
+    leg = mfig.legends[0]
+    assert [tx.get_text() for tx in leg.get_texts()] == [e.meaning for e in entries]
+    handle_edges = [matplotlib.colors.to_hex(h.get_edgecolor()).upper() for h in leg.legend_handles]
+    assert handle_edges[0] == palette.KEPT and handle_edges[2] == palette.HIGHLIGHT
+    pfig = plots_plotly.plot_overlay(d, img)
+    legend_text = pfig.layout.annotations[-1].text
+    for e in entries + overlay_legend("counts", 1, t.num_layers, 0):
+        assert e.sentence() in legend_text
+    assert f'<span style="color:{palette.HIGHLIGHT}">■</span> red-orange boxes' in legend_text
+    # no image: the legend and the panel titles say so, instead of an unexplained grey grid
+    other = synthetic_trace(layout_square(), t.num_layers, t.keep_ratio, seed=1, method="snapkv")
+    cmp_legend = plots_mpl.plot_comparison(C.compute_comparison([t, other], 1), img).legends[-1]
+    assert [tx.get_text() for tx in cmp_legend.get_texts()] == [e.meaning for e in entries]
+    pcmp = plots_plotly.plot_comparison(C.compute_comparison([t, other], 1), img)
+    assert pcmp.layout.annotations[-1].text == legend_html(entries)
+    bare = plots_mpl.plot_overlay(d, None)
+    assert bare.legends[0].get_texts()[0].get_text() == "kept at layer 1 (no image stored)"
+    assert all("(no image stored)" in ax.get_title() for ax in bare.axes if ax.get_title())
+
+
+def test_accumulated_rows_read_from_the_plotted_order(traces):
+    from analysis import plots_mpl, plots_plotly
+
+    d = C.compute_accumulated(traces["square"])
+    labels = [label for label, _ in d.eviction_rows()]
+    assert labels == ["tgv-kv", "attention-only"]
+    pfig = plots_plotly.plot_accumulated(d)
+    strip = pfig.data[-1]
+    assert list(strip.y) == labels and pfig.layout.yaxis2.autorange == "reversed"  # first label drawn on top
+    np.testing.assert_array_equal(strip.z[0], d.evicted_method)
+    ax_ev = plots_mpl.plot_accumulated(d).axes[1]
+    assert [t.get_text() for t in ax_ev.get_yticklabels()] == labels and list(ax_ev.get_yticks()) == [0, 1]
+    assert ax_ev.get_ylim()[0] > ax_ev.get_ylim()[1]  # y grows downwards: tick 0 is the top row
+    np.testing.assert_array_equal(ax_ev.images[0].get_array()[0], d.evicted_method)
+    assert explain.eviction_rows(d) == ("top row: tgv-kv (the traced method); "
+                                        "bottom row: attention-only ranking (same per-layer budgets)")
+    assert explain.row_position(1, 3) == "row 2 from the top"
+
+
+def test_log_axes_label_decades(traces):
+    from analysis import plots_mpl, plots_plotly
+
+    d = C.compute_accumulated(traces["square"])
+    lo, hi = ticks_mod().decade_range(d.accumulated)
+    want = [10.0 ** k for k in range(lo, hi + 1)]
+    pfig = plots_plotly.plot_accumulated(d)
+    assert pfig.layout.yaxis.type == "log" and list(pfig.layout.yaxis.range) == [lo, hi]
+    np.testing.assert_allclose(pfig.layout.yaxis.tickvals, want)
+    assert list(pfig.layout.yaxis.ticktext) == [ticks_mod().decade_label(k) for k in range(lo, hi + 1)]
+    ax = plots_mpl.plot_accumulated(d).axes[0]
+    np.testing.assert_allclose(ax.get_yticks(), want)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(pfig.layout.yaxis.ticktext)
+    assert not any(t.get_text() for t in ax.yaxis.get_minorticklabels())  # no "2 5" between the decades
+
+
+def ticks_mod():
+    from analysis import ticks
+
+    return ticks
+
+
+def test_tick_helpers_by_hand():
+    T = ticks_mod()
+    labels = [T.decade_label(k) for k in (-5, -2, -1, 0, 1, 3, 4)]
+    assert labels == ["10⁻⁵", "0.01", "0.1", "1", "10", "1000", "10⁴"]
+    assert T.decade_ticks([2.0, 8.0]) == ([1.0, 10.0], ["1", "10"])
+    assert T.decade_ticks([0.0, -1.0, np.nan, 0.05, 30.0]) == ([0.01, 0.1, 1.0, 10.0, 100.0],
+                                                                ["0.01", "0.1", "1", "10", "100"])
+    vals, labels = T.decade_ticks([1e-6, 1e6])  # 13 decades: every 2nd one
+    assert labels == ["10⁻⁶", "10⁻⁴", "0.01", "1", "100", "10⁴", "10⁶"]
+    assert T.decade_ticks([]) == ([1.0, 10.0], ["1", "10"])
+    assert T.integer_ticks(4) == [0, 1, 2, 3]
+    assert T.integer_ticks(32) == list(range(0, 32, 2)) and T.integer_ticks(80) == list(range(0, 80, 5))
+    assert T.integer_ticks(0) == []
+    shown = T.thinned(64, 16, [37])
+    assert 37 in shown and len(shown) <= 17 and shown[0] == 0
+    assert all(abs(s - 37) >= 2 for s in shown if s != 37)  # nothing crowds the always-shown label
+    assert T.thinned(6, 16) == [0, 1, 2, 3, 4, 5]
+
+
+def test_layer_axes_have_whole_number_ticks(traces):
+    from analysis import plots_mpl, plots_plotly
+
+    t = traces["square"]
+    other = synthetic_trace(layout_square(), 4, t.keep_ratio, seed=1, method="snapkv")
+    cmp = C.compute_comparison([t, other], 1)
+    bud = C.compute_budgets([t, other])
+    for fig, axis in ((plots_plotly.plot_comparison(cmp, None), "xaxis"), (plots_plotly.plot_budgets(bud), "xaxis")):
+        assert list(fig.layout[axis].tickvals) == [0, 1, 2, 3]
+        assert list(fig.layout[axis].ticktext) == ["0", "1", "2", "3"]
+    np.testing.assert_array_equal(plots_plotly.plot_comparison(cmp, None).data[0].x, [0, 1, 2, 3])
+    for fig in (plots_mpl.plot_comparison(cmp, None), plots_mpl.plot_budgets(bud)):
+        assert list(fig.axes[0].get_xticks()) == [0, 1, 2, 3]
+    big = synthetic_trace(layout_square(6, 2, 6), 24, 0.5, seed=2)
+    fig = plots_plotly.plot_budgets(C.compute_budgets([big]))
+    assert list(fig.layout.xaxis.tickvals) == list(range(0, 24, 2))
+    assert list(plots_mpl.plot_budgets(C.compute_budgets([big])).axes[0].get_xticks()) == list(range(0, 24, 2))
+
+
+# -- image thumbnails in the trace -------------------------------------------------------------------------------------
+def _striped_image(w: int = 96, h: int = 64) -> Image.Image:
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:, : w // 2] = (220, 20, 60)
+    a[:, w // 2 :] = (20, 120, 220)
+    return Image.fromarray(a)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".json"])
+def test_trace_thumbnail_round_trip(tmp_path, suffix):
+    from tgvkv.trace import Trace, make_thumbnail
+
+    t = synthetic_trace(layout_two_images(), 2, 0.6)
+    t.thumbnails = [make_thumbnail(_striped_image(), 384), make_thumbnail(_striped_image(1000, 500), 384)]
+    assert t.thumbnails[0].shape == (64, 96, 3) and t.thumbnails[1].shape == (192, 384, 3)  # bounded, aspect kept
+    back = Trace.load(t.save(tmp_path / f"t{suffix}"))
+    assert len(back.thumbnails) == 2
+    for a, b in zip(t.thumbnails, back.thumbnails):
+        np.testing.assert_array_equal(a, b)  # PNG: lossless
+    assert [im.size for im in back.images()] == [(96, 64), (384, 192)]
+
+
+def test_traces_without_thumbnails_still_load(tmp_path):
+    """A trace written before thumbnails existed (no 'thumbnails.count' entry) loads with none."""
+    from tgvkv.trace import Trace
+
+    t = synthetic_trace(layout_square(), 2, 0.5)
+    meta, arrays = t.to_parts()
+    assert meta.pop("thumbnails.count") == 0
+    path = tmp_path / "old.npz"
+    np.savez_compressed(path, __meta__=np.array(json.dumps(meta)), **arrays)
+    old = Trace.load(path)
+    assert old.thumbnails == [] and old.images() == []
+    np.testing.assert_array_equal(old.kept_mask, t.kept_mask)
+
+
+def test_thumbnail_bounds_are_enforced(tmp_path):
+    from tgvkv.trace import MAX_THUMBNAIL_SIDE, make_thumbnail
+
+    with pytest.raises(ValueError, match="thumbnail side"):
+        make_thumbnail(_striped_image(), 0)
+    t = synthetic_trace(layout_square(), 2, 0.5)
+    t.thumbnails = [np.zeros((MAX_THUMBNAIL_SIDE + 1, 4, 3), np.uint8)]
+    with pytest.raises(ValueError, match="thumbnail must be"):
+        t.save(tmp_path / "big.npz")
+    t.thumbnails = [np.zeros((8, 8), np.float32)]
+    with pytest.raises(ValueError, match="thumbnail must be"):
+        t.save(tmp_path / "gray.json")
+
+
+def test_cli_defaults_to_png_and_svg_and_draws_the_stored_image(tmp_path):
+    from analysis.figures import main
+    from tgvkv.trace import make_thumbnail
+
+    t = synthetic_trace(layout_square(), 3, 0.5)
+    t.thumbnails = [make_thumbnail(_striped_image(96, 96), 384)]
+    out = tmp_path / "figs"
+    assert main(["--trace", str(t.save(tmp_path / "a.npz")), "--out", str(out), "--layer", "1"]) == 0
+    names = set(json.loads((out / "captions.json").read_text())["figures"])
+    assert names == {"neighbours", "attention", "accumulated", "overlay", "budgets"}
+    for n in names:
+        assert (out / f"{n}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", n
+        assert b"<svg" in (out / f"{n}.svg").read_bytes()[:2000], n
+    assert not list(out.glob("*.pdf"))
+    kept = t.kept_mask[1][t.layout.token_map.positions].reshape(12, 12)
+    with Image.open(out / "overlay_kept_view0.png") as im:
+        px = np.asarray(im.convert("RGB"), dtype=int)
+    cell = px.shape[1] // 12
+    r, c = np.argwhere(kept)[0]
+    centre = px[r * cell + cell // 2, c * cell + cell // 2]
+    want = (220, 20, 60) if c < 6 else (20, 120, 220)
+    assert np.abs(centre - want).max() <= 3  # the stored image's pixels under a kept patch
+
+
+def test_cli_without_any_image_says_so(tmp_path, caplog):
+    from analysis.figures import main
+
+    t = synthetic_trace(layout_square(), 3, 0.5)
+    out = tmp_path / "figs"
+    with caplog.at_level("WARNING"):
+        assert main(["--trace", str(t.save(tmp_path / "a.npz")), "--out", str(out), "--formats", "png"]) == 0
+    assert "stores no image and no --image was given" in caplog.text
+    with Image.open(out / "overlay_kept_view0.png") as im:
+        px = np.asarray(im.convert("RGB"))
+    band = px[-6:, px.shape[1] // 2 - 60 : px.shape[1] // 2 + 60]  # the "no image stored" banner at the bottom
+    assert (band == 0).all(axis=2).any() and (band == 255).all(axis=2).any()
+    with pytest.raises(SystemExit):
+        main(["--trace", str(tmp_path / "a.npz"), "--out", str(out), "--formats", "png,jpgx"])
+
+
+def test_reference_lines_are_drawn_in_their_named_colour(traces):
+    """plotly's simple_white template draws shapes at opacity 0.3 (black would show as grey): lines set opacity 1."""
+    from analysis import plots_plotly
+
+    t = traces["square"]
+    budgets = plots_plotly.plot_budgets(C.compute_budgets([t]))
+    for fig in (plots_plotly.plot_attention(C.compute_attention(t, 1)), budgets):
+        assert fig.layout.shapes and all(s.opacity == 1 for s in fig.layout.shapes)
+    assert [s.line.color for s in budgets.layout.shapes] == [palette.BOUNDARY, palette.TEXT]

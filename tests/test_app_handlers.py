@@ -5,6 +5,7 @@ Uses the bundled demo model; a missing assets/demo-vlm is a failure, not a skip.
 from __future__ import annotations
 
 import copy
+import html
 import json
 import struct
 import threading
@@ -335,3 +336,140 @@ def test_unreachable_hub_message(monkeypatch):
     monkeypatch.setattr(M, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(ValueError, match="no connection to huggingface.co"):
         M.get_model("llava-hf/llava-1.5-7b-hf", POLICY)
+
+
+# -- figures say what they show (issue 15) -----------------------------------------------------------------------------
+def _long_answer(run, n: int = 64, divergence: int = 37):
+    """The run with a made-up n-token answer whose last token is the end-of-sequence token (decodes to nothing)."""
+    import dataclasses
+
+    eos = M.get_model(M.DEMO, POLICY).processor.tokenizer.eos_token
+    full = copy.deepcopy(run.full)
+    full.output_tokens = [f"w{i}" for i in range(n - 2)] + ["\n", eos]
+    pieces = [f" w{i}" for i in range(n - 2)] + ["\n", ""]
+    kl = np.linspace(0.0, 2.0, n)
+    return dataclasses.replace(run, full=full, full_pieces=pieces, step_kl=kl, first_divergence=divergence), eos
+
+
+def test_kl_axis_is_readable_on_long_answers(run):
+    long, eos = _long_answer(run)
+    fig = H.kl_figure(long)
+    ax = fig.layout.xaxis
+    shown = list(ax.tickvals)
+    assert len(shown) <= H.KL_MAX_LABELS + 1 and 37 in shown and shown[0] == 0
+    labels = [H.token_label(p, t) for p, t in zip(long.full_pieces, long.full.output_tokens)]
+    assert list(ax.ticktext) == [html.escape(f"{i}:{H._short(labels[i])}") for i in shown]
+    assert ax.tickangle == -45
+    bar = fig.data[0]
+    assert bar.customdata[-1] == html.escape(eos) and bar.customdata[-2] == "\\n" and bar.customdata[5] == "w5"
+    assert "␣" not in "".join(bar.customdata) + "".join(ax.ticktext)
+    assert list(bar.marker.color[:37]) == [palette_mod().AGREE] * 37
+    assert set(bar.marker.color[37:]) == {palette_mod().DIVERGED}
+    assert [H.token_label(p) for p in (" yes", " ", "\t", "")] == ["yes", "(space)", "\\t", "(empty)"]
+
+
+def palette_mod():
+    from analysis import palette
+
+    return palette
+
+
+def test_kl_labels_of_the_real_run_name_the_end_token(run):
+    eos = M.get_model(M.DEMO, POLICY).processor.tokenizer.eos_token
+    fig = H.kl_figure(run)
+    labels = [html.unescape(x) for x in fig.data[0].customdata]  # escaped: plotly would read '</s>' as markup
+    assert labels == H.answer_labels(run)[: len(run.step_kl)]
+    assert [p.strip() for p in run.full_pieces if p.strip()] == [x for x in labels if x != eos]
+    if run.full.output_tokens[-1] == eos:  # the answer ended with the end-of-sequence token: shown by its name
+        assert labels[-1] == eos
+    assert list(fig.layout.xaxis.tickvals) == list(range(len(run.step_kl)))  # short answers: every token labelled
+
+
+def test_export_kl_figure_thins_labels(run):
+    from tgvkv.webapp.export import kl_figure_mpl
+
+    long, eos = _long_answer(run)
+    ax = kl_figure_mpl(long, max_labels=24).axes[0]
+    texts = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(texts) <= 25 and "37:w37" in texts and "0:w0" in texts
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["before the answers part",
+                                                                   "from the first differing token on"]
+
+
+def test_captions_name_the_drawn_colours(run):
+    from analysis import compute_accumulated
+    from analysis import palette as P
+
+    _, cap = H.overlay_view(run, run.default_layer(), "layer")
+    assert f"{P.name_of(P.HIGHLIGHT)} boxes: the 5 patches" in cap and f"{P.name_of(P.KEPT)} outline" in cap
+    assert "red boxes" not in cap and f'color:{P.HIGHLIGHT}' in cap
+    _, cap = H.overlay_view(run, 0, "all layers")
+    assert "colour from dark purple to yellow" in cap and f"of the {run.num_layers} layers keep the patch" in cap
+    _, cap = H.accumulated_view(run)
+    rows = [label for label, _ in compute_accumulated(run.evicted).eviction_rows()]
+    assert rows == [run.method, "attention-only"]
+    assert f"{run.method}'s own evictions are the top row" in cap and "bottom row of the lower panel" in cap
+    assert "row below" not in cap
+    _, cap = H.attention_view(run, 0)
+    assert "colour from dark blue to yellow: log10" in cap and f"{P.name_of(P.BOUNDARY)} line: boundaries" in cap
+    _, cap = H.neighbours_view(run)
+    assert f"{P.name_of(P.TEXT)} line: text tokens' neighbours" in cap and f"{P.name_of(P.VISION)} (vision)" in cap
+    _, cap = H.budgets_view(run)
+    assert f"{P.name_of(P.TEXT)} bars: text kept" in cap and f"{P.name_of(P.VISION)} bars: vision kept" in cap
+    cap = H.kl_caption(run)
+    if run.first_divergence is not None:
+        assert f"{P.name_of(P.AGREE)} bars before it, {P.name_of(P.DIVERGED)} bars from there on" in cap
+    e = H.diagnostics(run)["explain"]
+    assert f"({P.name_of(P.HIGHLIGHT)} boxes)" in e["tpr"] and "red boxes" not in e["tpr"]
+    assert f"the {P.name_of(P.VISION)} bars (attention share)" in e["tvb"]
+
+
+def test_overlay_mode_and_layer_survive_a_rerun(run, example):
+    """'all layers' stays 'all layers' after a settings change re-runs the comparison (handler level)."""
+    h = H.make_ui_handlers(POLICY)
+    state = h["rerun"](run, str(example.path), example.question, M.DEMO, "tgv-kv", 20, 24)[0]
+    assert isinstance(state, H.RunState) and state.keep_ratio == pytest.approx(0.2)
+    out = h["diagnostics_if_run"](state, "all layers", 1)
+    slider, img, cap = out[0], out[3], out[4]
+    assert slider.value == 1
+    want_img, want_cap = H.overlay_view(state, 1, "all layers")
+    assert cap == want_cap and "layers keeping each patch" in cap
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(want_img))
+    out = h["diagnostics_if_run"](state, "all layers", 99)  # a layer the model does not have: the default layer
+    assert out[0].value == state.default_layer() and "layers keeping each patch" in out[4]
+    out = h["diagnostics"](state, "all layers")  # a new run starts at the default layer, in the visitor's mode
+    assert out[0].value == state.default_layer() and "layers keeping each patch" in out[4]
+    assert "keeps" in h["diagnostics"](state, "layer")[4]
+    with pytest.raises(gr.Error, match="overlay mode must be one of"):
+        h["overlay"](state, 0, "every layer")
+
+
+def test_failed_run_clears_every_output():
+    """The failure handler's values line up with what app.py wires it to and leave nothing of an earlier run."""
+    import app
+
+    h = H.make_ui_handlers(POLICY)
+    cleared = h["run_failed"]()
+    demo = app.build_ui(POLICY)
+    wired = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_run_failed"]
+    # run + diagnostics of each entry point: the Run button, both example sets, a settings change
+    assert len(wired) == 8 and all(f.trigger_only_on_failure for f in wired)
+    assert all(len(f.outputs) == len(cleared) == 29 for f in wired)
+    labels = [getattr(c, "label", None) for c in wired[0].outputs]
+    state, full, ev, kl, kl_cap, metrics, summary = cleared[:7]
+    assert state is None and summary is None and labels[1:3] == ["full answer", "evicted answer"]
+    assert H.FAILED_NOTE in full and H.FAILED_NOTE in ev and 'class="tok' not in full + ev
+    assert isinstance(kl, go.Figure) and not kl.data and H.FAILED_NOTE in kl_cap and H.FAILED_NOTE in metrics
+    diag = cleared[7:27]
+    assert labels[7:10] == ["Overlay layer", "Attention layer", "Layer for the overlays"]
+    assert all(d == gr.skip() for d in diag[:3])  # the layer sliders keep their position
+    for value, label in zip(diag[3:], labels[10:27]):
+        if isinstance(value, go.Figure):
+            assert not value.data, label
+        elif isinstance(value, str):
+            assert value == "" or H.FAILED_NOTE in value, label
+        else:
+            assert value is None, label
+    assert cleared[27:] == (None, f"*{H.FAILED_NOTE}.*") and labels[27] == "Files"
+    cmp = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_compare_failed"]
+    assert len(cmp) == 1 and len(cmp[0].outputs) == len(h["compare_failed"]()) == 3

@@ -24,7 +24,7 @@ from .layout import TokenLayout, contiguous_runs
 from .policies import Policy, Selection, check_keep_ratio, make_policy
 from .policies.base import DecodeRule
 from .stats import PrefillStats, StatRequest, column_positions
-from .trace import TEXT, VISION, Trace
+from .trace import MAX_THUMBNAIL_SIDE, TEXT, VISION, Trace, make_thumbnail
 from .validation import validate_question
 
 MAX_NEW_TOKENS_LIMIT = 1024
@@ -38,6 +38,12 @@ class CaptureOptions:
     max_map_tokens: int = 768  # store full (L, T, T) attention maps only for prompts up to this length
     hidden_states: bool = True  # store prefill hidden states (cosine-neighbour plots)
     max_hidden_bytes: int = 64 * 2**20
+    thumbnail_side: int = 384  # px: store a copy of each image this small in the trace (overlay figures); 0: none
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.thumbnail_side, int) or not 0 <= self.thumbnail_side <= MAX_THUMBNAIL_SIDE:
+            raise ValueError(
+                f"thumbnail_side must be an integer in [0, {MAX_THUMBNAIL_SIDE}], got {self.thumbnail_side!r}")
 
 
 @dataclass
@@ -142,6 +148,14 @@ def _versions() -> dict[str, str]:
     from . import __version__
 
     return {"tgvkv": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _thumbnails(images: Sequence[Any], side: int) -> list[np.ndarray]:
+    """Small copies of the prompt's images for the trace; none when disabled (side 0) or when an image is not a PIL
+    image (arrays the processor accepts have no agreed layout), so indices always match the views' image_index."""
+    if not side or not all(isinstance(im, Image.Image) for im in images):
+        return []
+    return [make_thumbnail(im, side) for im in images]
 
 
 # -- the engine ----------------------------------------------------------------------------------------------------
@@ -250,6 +264,7 @@ def generate(
         device=str(device),
         dtype=str(model.dtype).replace("torch.", ""),
         image_sha256=[pixel_sha256(im) for im in images],
+        thumbnails=_thumbnails(images, capture.thumbnail_side),
         budgets=selection.budgets,
         kept_mask=selection.kept_mask(T),
         scores=selection.scores.astype(np.float32),
@@ -491,7 +506,7 @@ def compare(
     evicted = generate(model, processor, images, question, policy, keep_ratio, policy_options=policy_options, **common)
     forced = generate(
         model, processor, images, question, policy, keep_ratio, options=RunOptions(**{**vars(opts), "followup": None}),
-        capture=CaptureOptions(diagnostics=False, hidden_states=False), policy_options=policy_options,
+        capture=CaptureOptions(diagnostics=False, hidden_states=False, thumbnail_side=0), policy_options=policy_options,
         teacher_tokens=full.token_ids.tolist(), model_name=model_name,
     )
     p = torch.log_softmax(full.step_logits, dim=-1)

@@ -6,6 +6,7 @@ Shapes: L language layers, T prompt tokens, Q captured text queries, E decode ev
 """
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from dataclasses import dataclass, field, fields
@@ -13,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .layout import TokenLayout
 
 TRACE_FORMAT = "tgvkv-trace/1"
 TEXT, VISION = 0, 1  # modality indices of block_sums
+MAX_THUMBNAIL_SIDE = 1024  # px: a trace keeps small copies of its images, never the originals
 
 
 @dataclass
@@ -37,6 +40,9 @@ class Trace:
     device: str = "cpu"
     dtype: str = "float32"
     image_sha256: list[str] = field(default_factory=list)  # tgvkv.images.pixel_sha256 of each image the model saw
+    #: small RGB copies (H, W, 3) uint8 of the input images, in prompt order (figures draw the overlays on them);
+    #: stored as PNG bytes; traces saved before they existed load with none
+    thumbnails: list[np.ndarray] = field(default_factory=list)
     # -- selection (prefill) ----------------------------------------------------------------------------------
     budgets: np.ndarray | None = None  # (L,) int64 kept prompt tokens per layer
     kept_mask: np.ndarray | None = None  # (L, T) bool, kept after prefill eviction
@@ -97,6 +103,10 @@ class Trace:
     def kept_fraction(self) -> float:
         return float(self.kept_mask.mean()) if self.kept_mask is not None else 1.0
 
+    def images(self) -> list[Image.Image]:
+        """The stored thumbnails as PIL images (empty when the run stored none)."""
+        return [Image.fromarray(a) for a in self.thumbnails]
+
     # -- serialisation ----------------------------------------------------------------------------------------
     def to_parts(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """(JSON-able metadata, flat dict of arrays)."""
@@ -112,6 +122,9 @@ class Trace:
             elif f.name in ("selection_info", "hidden_states"):
                 arrays.update({f"{f.name}.{k}": np.asarray(a) for k, a in v.items()})
                 meta[f.name + ".keys"] = list(v)
+            elif f.name == "thumbnails":
+                arrays.update({f"thumbnails.{i}": _png_bytes(a) for i, a in enumerate(v)})
+                meta["thumbnails.count"] = len(v)
             else:
                 meta[f.name] = v
         return meta, arrays
@@ -127,6 +140,9 @@ class Trace:
                 kwargs["layout"] = TokenLayout.from_parts(meta["layout"], tm)
             elif f.name in ("selection_info", "hidden_states"):
                 kwargs[f.name] = {k: arrays[f"{f.name}.{k}"] for k in meta.get(f.name + ".keys", [])}
+            elif f.name == "thumbnails":
+                n = meta.get("thumbnails.count", 0)
+                kwargs[f.name] = [_png_pixels(arrays[f"thumbnails.{i}"]) for i in range(n)]
             elif f.name in arrays:
                 kwargs[f.name] = arrays[f.name]
             elif f.name in meta:
@@ -173,6 +189,34 @@ class Trace:
     def to_json(self) -> str:
         meta, arrays = self.to_parts()
         return json.dumps({"meta": meta, "arrays": {k: _encode_array(a) for k, a in arrays.items()}})
+
+
+def make_thumbnail(image: Image.Image, max_side: int) -> np.ndarray:
+    """(H, W, 3) uint8 copy of `image` with its longer side at most `max_side` px (aspect ratio kept)."""
+    if not 1 <= max_side <= MAX_THUMBNAIL_SIDE:
+        raise ValueError(f"thumbnail side must be in [1, {MAX_THUMBNAIL_SIDE}] px, got {max_side!r}")
+    image = image.convert("RGB")
+    if max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def _png_bytes(pixels: np.ndarray) -> np.ndarray:
+    """A thumbnail as its PNG file, one uint8 per byte (compact in .npz and .json alike)."""
+    a = np.asarray(pixels)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or max(a.shape[:2]) > MAX_THUMBNAIL_SIDE:
+        raise ValueError(f"a thumbnail must be (H, W, 3) uint8 with sides <= {MAX_THUMBNAIL_SIDE}, got "
+                         f"{a.dtype} {a.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+def _png_pixels(data: np.ndarray) -> np.ndarray:
+    with Image.open(io.BytesIO(np.asarray(data, dtype=np.uint8).tobytes())) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 def _encode_array(a: np.ndarray) -> dict[str, Any]:

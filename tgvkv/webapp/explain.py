@@ -18,7 +18,6 @@ from ..trace import Trace
 if TYPE_CHECKING:
     from .handlers import RunState
 
-TEXT_COLOUR, VISION_COLOUR, HIGHLIGHT = "#0072B2", "#E69F00", "#D55E00"
 FONT = dict(size=17)  # projector-readable
 
 
@@ -64,31 +63,37 @@ def _token(tokens: list[str], p: int) -> str:
 
 
 def tvb_figure(trace: Trace, tq: TGVQuantities) -> go.Figure:
+    from analysis import palette
+    from analysis.ticks import integer_ticks
+
     L, T = trace.num_layers, trace.seq_len
     share = tq.mass / max(tq.mass.sum(), 1e-12)
     budgets = trace.budgets if trace.budgets is not None else np.full(L, T)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Bar(x=np.arange(L), y=share * 100, name="share of text→image attention (%)",
-                         marker_color=VISION_COLOUR, hovertemplate="layer %{x}: %{y:.1f}%<extra></extra>"),
+                         marker_color=palette.VISION, hovertemplate="layer %{x}: %{y:.1f}%<extra></extra>"),
                   secondary_y=False)
     fig.add_trace(go.Scatter(x=np.arange(L), y=budgets, name=f"kept prompt tokens ({trace.method})", mode="lines+markers",
-                             line=dict(color=TEXT_COLOUR, width=4), marker=dict(size=11)), secondary_y=True)
+                             line=dict(color=palette.TEXT, width=4), marker=dict(size=11)), secondary_y=True)
     fig.add_trace(go.Scatter(x=[-0.5, L - 0.5], y=[trace.keep_ratio * T] * 2, name="uniform budget", mode="lines",
-                             line=dict(color="#555", dash="dash", width=2)), secondary_y=True)
+                             line=dict(color=palette.REFERENCE, dash="dash", width=2)), secondary_y=True)
     fig.update_layout(template="simple_white", height=380, font=FONT, margin=dict(t=30, b=50),
                       legend=dict(orientation="h", y=1.12, x=0), bargap=0.25)
-    fig.update_xaxes(title_text="layer", dtick=1 if L <= 40 else None)
+    layer_ticks = integer_ticks(L)
+    fig.update_xaxes(title_text="layer", tickmode="array", tickvals=layer_ticks, ticktext=[str(v) for v in layer_ticks])
     fig.update_yaxes(title_text="text→image share (%)", secondary_y=False)
     fig.update_yaxes(title_text="kept tokens", secondary_y=True, rangemode="tozero")
     return fig
 
 
 def twr_figure(trace: Trace, tq: TGVQuantities, top: int = 3) -> go.Figure:
+    from analysis import palette
+
     tokens = list(trace.layout.tokens)
     w = tq.text_weights.mean(axis=0)
     labels = [f"{_token(tokens, p)} @{p}" for p in tq.text_positions]
     best = set(np.argsort(-w)[:top].tolist())
-    colours = [HIGHLIGHT if i in best else TEXT_COLOUR for i in range(len(w))]
+    colours = [palette.HIGHLIGHT if i in best else palette.TEXT for i in range(len(w))]
     fig = go.Figure(go.Bar(x=w, y=labels, orientation="h", marker_color=colours,
                            hovertemplate="%{y}: weight %{x:.3f}<extra></extra>"))
     fig.update_layout(template="simple_white", height=max(260, 34 * len(w) + 90), font=FONT, margin=dict(t=20, l=10),
@@ -99,8 +104,9 @@ def twr_figure(trace: Trace, tq: TGVQuantities, top: int = 3) -> go.Figure:
 
 def walkthrough(run: "RunState") -> dict[str, Any]:
     """Markdown + figures for the Explain tab: keys intro, tvb, tvb_figure, twr, twr_figure, tpr, tpr_image."""
-    from analysis import compute_overlay, overlay_panels
+    from analysis import compute_overlay, overlay_panels, palette
 
+    colour = palette.name_of
     trace = run.evicted
     lay, L, T = trace.layout, trace.num_layers, trace.seq_len
     n_text, n_vis = T - lay.n_vision, lay.n_vision
@@ -136,10 +142,13 @@ def walkthrough(run: "RunState") -> dict[str, Any]:
         f"A uniform split would give every layer {trace.keep_ratio * T:.0f}."
         + (f" Layers {', '.join(map(str, capped))} asked for more than the whole prompt; the official rule keeps "
            f"all {T} there and does not hand the surplus to other layers." if len(capped) and trace.keep_ratio < 1 else "")
-        + ("\n\n*What to notice:* the orange bars (attention share) and the blue line (kept tokens) rise and fall "
-           "together: memory goes where the question actually looks at the image." if tq.from_policy else
-           f"\n\n*What to notice:* the blue line is {trace.method}'s own budget per layer; where it departs from the "
-           "orange bars, this method spends memory on layers whose text barely looks at the image."))
+        + (f"\n\n*What to notice:* the {colour(palette.VISION)} bars (attention share) and the "
+           f"{colour(palette.TEXT)} line (kept tokens) rise and fall together: memory goes where the question "
+           "actually looks at the image." if tq.from_policy else
+           f"\n\n*What to notice:* the {colour(palette.TEXT)} line is {trace.method}'s own budget per layer; where "
+           f"it departs from the {colour(palette.VISION)} bars, this method spends memory on layers whose text barely "
+           "looks at the image.")
+        + f" The {colour(palette.REFERENCE)} dashed line is the uniform budget.")
 
     # Step 2: TWR
     tokens = list(lay.tokens)
@@ -151,7 +160,8 @@ def walkthrough(run: "RunState") -> dict[str, Any]:
         "#### Step 2 · TWR, text-weighted ranking: which words count\n"
         "An image patch scores the attention it gets from each text token, weighted by how important that text token "
         "is, and a text token is important when later text tokens attend to it (its weight w = attention received "
-        f"per text token that can see it). The heaviest text tokens here: {names}.\n\n"
+        f"per text token that can see it). The heaviest text tokens here: {names} ({colour(palette.HIGHLIGHT)} "
+        f"bars; the others are {colour(palette.TEXT)}).\n\n"
         "*What to notice:* content words of the question (the object, the colour, the position) should outweigh "
         "template tokens; if punctuation or chat-template tokens win, the ranking is driven by position, not meaning.")
 
@@ -175,10 +185,12 @@ def walkthrough(run: "RunState") -> dict[str, Any]:
             view = ov.views[v]
             wins.append(f"row {r}, col {c} ({_place(r, c, view.rows, view.cols)})")
         tpr += (f"\n\nIn **layer {layer}** (largest budget) the image keeps **{ov.n_kept_vision} of {ov.n_vision}** "
-                f"patches. Top text→image patches (red boxes): {'; '.join(wins)}.")
+                f"patches. Top text→image patches ({colour(palette.HIGHLIGHT)} boxes): {'; '.join(wins)}.")
     except (ValueError, AttributeError) as e:
         tpr += f"\n\n(No patch overlay for this model: {e})"
-    out["tpr"] = tpr + ("\n\n*What to notice:* the coloured patches are what the model can still see; on the demo "
-                        "scenes the answer needs the 2×2 patches of the object the question names, so check that the "
-                        "red boxes sit on it. Compare with a baseline in the *Compare methods* tab.")
+    out["tpr"] = tpr + (f"\n\n*What to notice:* the patches inside the {colour(palette.KEPT)} outline keep their "
+                        f"pixels: they are what the model can still see; {colour(palette.EVICTED_FILL)} patches are "
+                        "evicted. On the demo scenes the answer needs the 2×2 patches of the object the question "
+                        f"names, so check that the {colour(palette.HIGHLIGHT)} boxes sit on it. Compare with a "
+                        "baseline in the *Compare methods* tab.")
     return out

@@ -67,16 +67,33 @@ def run_card(run: "RunState") -> dict[str, Any]:
     }
 
 
-def kl_figure_mpl(run: "RunState") -> Figure:
-    fig = Figure(figsize=(8, 3.6), dpi=150)
-    ax = fig.add_subplot()
+def kl_figure_mpl(run: "RunState", max_labels: int = 24) -> Figure:
+    """The app's per-step KL bars for papers: token labels thinned to `max_labels` (first divergence always shown)."""
+    from analysis import palette
+    from analysis.ticks import thinned
+    from matplotlib.patches import Patch
+
+    from .handlers import KL_NOTICEABLE, answer_labels
+
     kl = run.step_kl
     d = run.first_divergence
-    colours = ["#0072B2" if d is None or i < d else "#D55E00" for i in range(len(kl))]
-    ax.bar(np.arange(len(kl)), kl, color=colours)
-    ax.set_xticks(np.arange(len(kl)), [p.strip() or "␣" for p in run.full_pieces[: len(kl)]], rotation=60, fontsize=8)
+    labels = answer_labels(run)
+    fig = Figure(figsize=(max(8, 0.22 * len(kl) + 3), 4), dpi=150)
+    ax = fig.add_subplot()
+    ax.bar(np.arange(len(kl)), kl, color=[palette.AGREE if d is None or i < d else palette.DIVERGED
+                                           for i in range(len(kl))])
+    ax.axhline(KL_NOTICEABLE, color=palette.REFERENCE, ls=":", lw=1.5)
+    shown = thinned(len(kl), max_labels, [] if d is None else [d])
+    text = [f"{i}:{labels[i] if i < len(labels) else ''}".replace("$", r"\$") for i in shown]  # no mathtext
+    ax.set_xticks(shown, text, rotation=60, ha="right",
+                  rotation_mode="anchor", fontsize=9)
+    ax.set_xlim(-0.6, len(kl) - 0.4)
+    ax.set_xlabel("full-answer token (step:token)")
     ax.set_ylabel("KL(full ‖ evicted), nats")
     ax.set_title(f"{run.method} at {run.keep_ratio:.0%}: divergence per answer step")
+    handles = [Patch(color=palette.AGREE, label="before the answers part"),
+               Patch(color=palette.DIVERGED, label="from the first differing token on")][: 1 if d is None else 2]
+    ax.legend(handles=handles, frameon=False, fontsize=9, loc="upper left")
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return fig

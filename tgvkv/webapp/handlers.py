@@ -46,6 +46,7 @@ PROTOCOL = "official"
 #: what a session's trace may hold: full maps up to 768 tokens, hidden states up to 16 MB (a few layers of a 7B model)
 CAPTURE = CaptureOptions(max_map_tokens=768, max_hidden_bytes=16 * 2**20)
 KL_NOTICEABLE = 0.1  # nats: from here on the evicted model's next-token distribution is visibly different
+KL_MAX_LABELS = 16  # token labels on the KL axis (long answers label every 2nd, 4th ... token)
 
 
 # -- GPU scheduling on Hugging Face ZeroGPU (a no-op elsewhere) ------------------------------------------------
@@ -240,7 +241,7 @@ def answer_html(run: RunState, which: str) -> str:
     if d is None:
         status = '<span class="same">identical answers</span>'
     else:
-        status = f'<span class="differs">answers diverge at token {d}</span>'
+        status = f'<span class="differs">answers diverge at token {d} (highlighted from there on)</span>'
     kv = int(trace.kv_bytes_kept.sum())
     return (f'<div class="answer answer-{which}"><div class="answer-title">{html.escape(title)}</div>'
             f'<div class="answer-text" data-testid="answer-{which}">{text}</div>'
@@ -314,39 +315,80 @@ def _tps(t: Trace) -> str:
     return f"{t.timings.get('tokens_per_s', 0):.0f} / {t.timings.get('decode_tokens_per_s', 0):.0f}"
 
 
-def kl_figure(run: RunState) -> go.Figure:
-    """Per full-answer step: KL(full || evicted) of the next-token distributions (full answer teacher-forced)."""
+def token_label(piece: str, raw_token: str = "") -> str:
+    """Readable text of one answer token for an axis: its text; a token that decodes to nothing (a special token such
+    as the end of sequence) by its own name; pure whitespace spelled out ('\\n', '(space)')."""
+    text = piece.strip()
+    if text:
+        return text
+    if not piece:
+        return raw_token or "(empty)"
+    escaped = piece.encode("unicode_escape").decode("ascii").strip()
+    return escaped or "(space)"
+
+
+def answer_labels(run: RunState) -> list[str]:
+    """Axis label of each full-answer token, e.g. 'triangle' or '</s>'."""
+    raw = list(run.full.output_tokens)
+    return [token_label(p, raw[i] if i < len(raw) else "") for i, p in enumerate(run.full_pieces)]
+
+
+def kl_figure(run: RunState, max_labels: int = KL_MAX_LABELS) -> go.Figure:
+    """Per full-answer step: KL(full || evicted) of the next-token distributions (full answer teacher-forced).
+
+    Every bar has its token in the hover text; the axis labels at most `max_labels` of them ("step:token", the first
+    divergence always among them) so long answers stay readable."""
+    from analysis import palette
+    from analysis.ticks import thinned
+
     kl = run.step_kl
-    x = np.arange(len(kl))
-    labels = [f"{i}:{p.strip() or '␣'}" for i, p in enumerate(run.full_pieces[: len(kl)])]
+    n = len(kl)
+    x = np.arange(n)
+    labels = answer_labels(run)[:n] + [f"#{i}" for i in range(len(run.full_pieces), n)]
     d = run.first_divergence
-    colours = ["#0072B2" if d is None or i < d else "#D55E00" for i in x]
-    fig = go.Figure(go.Bar(x=labels, y=kl, marker_color=colours,
-                           hovertemplate="step %{x}<br>KL %{y:.4f} nats<extra></extra>"))
-    fig.add_hline(y=KL_NOTICEABLE, line=dict(color="#555", dash="dot", width=1.5),
+    colours = [palette.AGREE if d is None or i < d else palette.DIVERGED for i in x]
+    shown = thinned(n, max_labels, [] if d is None else [d])
+    shown_text = [html.escape(f"{i}:{_short(labels[i])}") for i in shown]  # plotly reads '</s>' as markup
+    fig = go.Figure(go.Bar(x=x, y=kl, marker_color=colours, customdata=[html.escape(t) for t in labels],
+                           hovertemplate="step %{x}: %{customdata}<br>KL %{y:.4f} nats<extra></extra>"))
+    fig.add_hline(y=KL_NOTICEABLE, line=dict(color=palette.REFERENCE, dash="dot", width=1.5), opacity=1,
                   annotation_text=f"{KL_NOTICEABLE} nats", annotation_position="top left")
-    fig.update_layout(template="simple_white", height=300, margin=dict(t=50, b=40, l=60, r=20), font=dict(size=14),
+    fig.update_layout(template="simple_white", height=320, margin=dict(t=50, b=40, l=60, r=20), font=dict(size=14),
                       title=dict(text="KL(full ‖ evicted) of the next-token distribution per answer step", x=0.5,
                                  font=dict(size=16)),
-                      yaxis_title="KL, nats", xaxis_title="full-answer token", showlegend=False)
-    fig.update_xaxes(tickangle=-45 if len(kl) > 12 else 0)
+                      yaxis_title="KL, nats", xaxis_title="full-answer token (step:token)", showlegend=False)
+    fig.update_xaxes(tickmode="array", tickvals=shown, ticktext=shown_text,
+                     tickangle=-45 if len(shown) > 8 else 0, automargin=True)
     return fig
 
 
+def _short(label: str, width: int = 12) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
 def kl_caption(run: RunState) -> str:
-    kl, pieces = run.step_kl, run.full_pieces
+    from analysis import palette
+
+    kl, pieces = run.step_kl, answer_labels(run)
     if len(kl) == 0:
         return "**What to notice:** the full answer is empty, so there is nothing to compare."
     first = next((i for i, v in enumerate(kl) if v >= KL_NOTICEABLE), None)
     j = int(np.argmax(kl))
     when = ("never exceeds %.1f nats: eviction barely changes the model's next-token beliefs" % KL_NOTICEABLE
-            if first is None else f"first exceeds {KL_NOTICEABLE} nats at step {first} ({pieces[first].strip()!r})")
-    div = ("the evicted answer is identical" if run.first_divergence is None
-           else f"the evicted answer changes at token {run.first_divergence} (orange bars from there on)")
+            if first is None else f"first exceeds {KL_NOTICEABLE} nats at step {first} ({_piece(pieces, first)!r})")
+    agree, diverged = palette.name_of(palette.AGREE), palette.name_of(palette.DIVERGED)
+    div = (f"the evicted answer is identical (all bars {agree})" if run.first_divergence is None
+           else f"the evicted answer changes at token {run.first_divergence} ({agree} bars before it, {diverged} bars "
+                "from there on)")
     return (f"**What to notice:** the divergence {when}; the largest is {kl[j]:.3f} nats at step {j} "
-            f"({pieces[j].strip()!r}); {div}. Each bar asks: given the same (full-KV) answer so far, how different is "
+            f"({_piece(pieces, j)!r}); {div}; the {palette.name_of(palette.REFERENCE)} dotted line marks "
+            f"{KL_NOTICEABLE} nats. Each bar asks: given the same (full-KV) answer so far, how different is "
             "the evicted model's next-token distribution? Under the official protocol step 0 comes from the full "
             "cache, so it is always 0.")
+
+
+def _piece(labels: list[str], i: int) -> str:
+    return labels[i] if i < len(labels) else f"#{i}"
 
 
 def empty_figure(message: str) -> go.Figure:
@@ -357,30 +399,42 @@ def empty_figure(message: str) -> go.Figure:
 
 
 # -- diagnostics --------------------------------------------------------------------------------------------------
+OVERLAY_MODES = ("layer", "all layers")
+
+
+def legend_markdown(entries: Sequence[Any]) -> str:
+    """Caption lines for `analysis.legend` entries: a swatch in the drawn colour, then the same words as the figure."""
+    from analysis.legend import legend_html
+
+    return legend_html(entries)
+
+
 def overlay_view(run: RunState, layer: Any, mode: str = "layer") -> tuple[Image.Image | None, str]:
     """Retained patches of `layer` (mode "layer") or how many layers keep each patch (mode "all layers")."""
     from analysis import compute_overlay, overlay_panels
     from analysis import explain as ax
+    from analysis.legend import overlay_legend
 
+    if mode not in OVERLAY_MODES:
+        raise ValueError(f"the overlay mode must be one of {', '.join(map(repr, OVERLAY_MODES))}, got {mode!r}")
     layer = check_layer(layer, run.num_layers)
     try:
         data = compute_overlay(run.evicted, layer)
     except ValueError as e:
         return None, f"**No overlay:** {e}"
-    kind = "counts" if mode.startswith("all") else "kept"
+    kind = "counts" if mode == "all layers" else "kept"
     panels = overlay_panels(data, [run.image], kind)
     img = _hstack([p for _, p in panels])
+    legend = legend_markdown(overlay_legend(kind, layer, run.num_layers, len(data.top)))
     if kind == "kept":
-        note = ("kept patches keep their colours, evicted ones are greyed out; the red boxes are the 5 patches with "
-                "the highest text→image score, i.e. what the question pointed at. Good eviction keeps the patches "
-                "that hold the answer (on the demo scenes: the 2×2 patches of the object asked about).")
+        note = ("good eviction keeps the patches that hold the answer (on the demo scenes: the 2×2 patches of the "
+                "object asked about); the boxes mark what the question pointed at.")
         head = ax.overlay(data)
     else:
-        note = ("the number on each patch counts the layers (of %d) that keep it. Patches kept by every layer are "
-                "the ones every layer agrees matter; a method that is text-grounded concentrates them on the object "
-                "the question names." % run.num_layers)
+        note = ("patches kept by every layer are the ones every layer agrees matter; a method that is text-grounded "
+                "concentrates them on the object the question names.")
         head = f"{run.method}: layers keeping each patch, summed over {run.num_layers} layers"
-    return img, f"**{head}.** What to notice: {note}"
+    return img, f"**{head}.**<br>{legend}<br>What to notice: {note}"
 
 
 def _hstack(images: Sequence[Image.Image], gap: int = 8) -> Image.Image:
@@ -399,6 +453,7 @@ def _hstack(images: Sequence[Image.Image], gap: int = 8) -> Image.Image:
 def attention_view(run: RunState, layer: Any) -> tuple[go.Figure, str]:
     from analysis import compute_attention
     from analysis import explain as ax
+    from analysis.legend import attention_legend
     from analysis.plots_plotly import plot_attention
 
     layer = check_layer(layer, run.num_layers)
@@ -407,7 +462,7 @@ def attention_view(run: RunState, layer: Any) -> tuple[go.Figure, str]:
     except ValueError as e:
         return empty_figure(str(e)), f"**No attention map:** {e}"
     return lighten_heatmaps(plot_attention(data)), (
-        f"**{ax.attention(data)}.** What to notice: the box gives each block's share of all attention (T = text, "
+        f"**{ax.attention(data)}.**<br>{legend_markdown(attention_legend())}<br>What to notice: the box gives each block's share of all attention (T = text, "
         "V = vision, query→key); per entry, text queries favour text keys over image keys (the modality gap), so a "
         "ranking over all tokens together under-rates the image. TGV-KV therefore measures text→image attention on "
         "its own. Bright vertical stripes are sink tokens that every query attends to.")
@@ -432,9 +487,12 @@ def budgets_view(run: RunState) -> tuple[go.Figure, str]:
     from analysis import explain as ax
     from analysis.plots_plotly import plot_budgets
 
+    from analysis.legend import budgets_legend
+
     data = compute_budgets([run.evicted])
     return plot_budgets(data), (
-        f"**{ax.budgets(data)}.** What to notice: blue is text kept, orange is vision kept. TGV-KV gives each layer a "
+        f"**{ax.budgets(data)}.**<br>{legend_markdown(budgets_legend(data.uniform, data.n_text))}<br>"
+        "What to notice: TGV-KV gives each layer a "
         "budget in proportion to how much its text looks at the image (TVB), so the bars differ by layer, and it "
         "keeps text first (TPR): a layer loses text only when its budget is smaller than the text.")
 
@@ -442,6 +500,8 @@ def budgets_view(run: RunState) -> tuple[go.Figure, str]:
 def neighbours_view(run: RunState) -> tuple[go.Figure, str]:
     from analysis import compute_neighbours
     from analysis import explain as ax
+    from analysis import palette as P
+    from analysis.legend import neighbours_legend
     from analysis.plots_plotly import plot_neighbours
 
     try:
@@ -449,9 +509,10 @@ def neighbours_view(run: RunState) -> tuple[go.Figure, str]:
     except ValueError as e:
         return empty_figure(str(e)), f"**No neighbour plot:** {e}"
     return plot_neighbours(data), (
-        f"**{ax.neighbours(data)}.** What to notice: solid lines (neighbours of the same modality) above dashed "
+        f"**{ax.neighbours(data)}.**<br>{legend_markdown(neighbours_legend())}<br>What to notice: solid lines (neighbours of the same modality) above dashed "
         "ones (the other modality) mean text and vision hidden states live in separate neighbourhoods, the second "
-        "sign of the modality gap; in the PCA panel the two colours form separate clouds.")
+        f"sign of the modality gap; in the PCA panel the {P.name_of(P.TEXT)} (text) and {P.name_of(P.VISION)} "
+        "(vision) points form separate clouds.")
 
 
 def accumulated_view(run: RunState) -> tuple[go.Figure, str]:
@@ -459,23 +520,30 @@ def accumulated_view(run: RunState) -> tuple[go.Figure, str]:
     from analysis import explain as ax
     from analysis.plots_plotly import plot_accumulated
 
+    from analysis.legend import accumulated_legend
+
     try:
         data = compute_accumulated(run.evicted)
     except ValueError as e:
         return empty_figure(str(e)), f"**No accumulated attention:** {e}"
+    where = {label: ax.row_position(i, len(data.eviction_rows())) for i, (label, _) in enumerate(data.eviction_rows())}
     return plot_accumulated(data), (
-        f"**{ax.accumulated(data)}.** What to notice: accumulated attention (what H2O-style methods rank by) is "
-        "very uneven: a few sink tokens take most of it, and ranking by it alone evicts much of the text (lower "
-        f"strip, 'attention-only'); {run.method}'s own evictions are the row below.")
+        f"**{ax.accumulated(data)}.**<br>{legend_markdown(accumulated_legend())}<br>"
+        f"Lower panel, {ax.eviction_rows(data)}.<br>"
+        "What to notice: accumulated attention (what H2O-style methods rank by, log scale) is very uneven: a few sink "
+        "tokens take most of it, and ranking by it alone evicts much of the text (the 'attention-only' strip, "
+        f"{where['attention-only']} of the lower panel); {run.method}'s own evictions are the "
+        f"{where[data.method]}.")
 
 
-def diagnostics(run: RunState, layer: int | None = None) -> dict[str, Any]:
-    """Every diagnostics view of a run, at `layer` (default: the layer with the largest budget)."""
+def diagnostics(run: RunState, layer: int | None = None, overlay_mode: str = "layer") -> dict[str, Any]:
+    """Every diagnostics view of a run, at `layer` (default: the layer with the largest budget); the overlay in
+    `overlay_mode` ('layer' or 'all layers', the visitor's choice survives re-runs)."""
     from . import explain
 
     layer = run.default_layer() if layer is None else check_layer(layer, run.num_layers)
-    out: dict[str, Any] = {"layer": layer}
-    out["overlay"], out["overlay_caption"] = overlay_view(run, layer, "layer")
+    out: dict[str, Any] = {"layer": layer, "overlay_mode": overlay_mode}
+    out["overlay"], out["overlay_caption"] = overlay_view(run, layer, overlay_mode)
     out["budgets"], out["budgets_caption"] = budgets_view(run)
     out["attention"], out["attention_caption"] = attention_view(run, layer)
     out["neighbours"], out["neighbours_caption"] = neighbours_view(run)
@@ -585,18 +653,24 @@ def make_ui_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
         return on_run(image, question, model_name, method, keep_percent, max_new_tokens, progress)
 
     @user_errors
-    def on_diagnostics_if_run(run, progress=gr.Progress()):
+    def on_diagnostics_if_run(run, overlay_mode="layer", layer=None, progress=gr.Progress()):
+        """After a settings change: the same views, keeping the visitor's overlay mode and layer when it exists."""
         if run is None:
             return tuple(gr.skip() for _ in range(20))
-        return on_diagnostics(run, progress)
+        keep = layer is not None and _is_layer(layer, run.num_layers)
+        return _diagnostics_outputs(run, overlay_mode, int(layer) if keep else None, progress)
 
     @user_errors
-    def on_diagnostics(run, progress=gr.Progress()):
-        """Every diagnostic figure and the Explain walkthrough of this session's last /compare."""
+    def on_diagnostics(run, overlay_mode="layer", progress=gr.Progress()):
+        """Every diagnostic figure and the Explain walkthrough of this session's last /compare; the overlay in
+        `overlay_mode` ('layer' or 'all layers')."""
+        return _diagnostics_outputs(run, overlay_mode, None, progress)
+
+    def _diagnostics_outputs(run, overlay_mode, layer, progress):
         if run is None:
             raise ValueError("run a comparison first")
         progress(0.1, desc="rendering diagnostics")
-        d = diagnostics(run)
+        d = diagnostics(run, layer, overlay_mode)
         slider = gr.Slider(minimum=0, maximum=run.num_layers - 1, value=d["layer"], step=1, interactive=True)
         e = d["explain"]
         return (slider, slider, slider, d["overlay"], d["overlay_caption"], d["budgets"], d["budgets_caption"],
@@ -604,6 +678,14 @@ def make_ui_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
                 d["attention_caption"], d["neighbours"], d["neighbours_caption"], d["accumulated"],
                 d["accumulated_caption"], e["intro"], e["tvb_figure"], e["tvb"], e["twr_figure"], e["twr"],
                 e["tpr_image"], e["tpr"])
+
+    def on_run_failed():
+        """After a failed /compare or /diagnostics: no answer, figure or number of an earlier run stays on screen
+        under the error (the inputs stay as the visitor left them)."""
+        return cleared_run_outputs()
+
+    def on_compare_failed():
+        return cleared_compare_outputs()
 
     @user_errors
     def on_overlay(run, layer, mode):
@@ -641,8 +723,44 @@ def make_ui_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
         return [str(f) for f in files], f"Exported {len(files)} files: {names}"
 
     return {"run": on_run, "rerun": on_rerun, "diagnostics": on_diagnostics, "diagnostics_if_run": on_diagnostics_if_run,
-            "overlay": on_overlay, "attention": on_attention,
-            "compare_methods": on_compare_methods, "export": on_export}
+            "overlay": on_overlay, "attention": on_attention, "run_failed": on_run_failed,
+            "compare_methods": on_compare_methods, "compare_failed": on_compare_failed, "export": on_export}
+
+
+FAILED_NOTE = "the last request failed (see the message); nothing from an earlier run is shown"
+
+
+def _is_layer(layer: Any, num_layers: int) -> bool:
+    try:
+        check_layer(layer, num_layers)
+    except ValueError:
+        return False
+    return True
+
+
+def failed_answer_html(which: str) -> str:
+    title = "Full KV cache" if which == "full" else "Evicted KV"
+    return (f'<div class="answer answer-{which} answer-failed"><div class="answer-title">{title}</div>'
+            f'<div class="answer-text" data-testid="answer-{which}"><span class="empty">no answer: {FAILED_NOTE}'
+            '</span></div></div>')
+
+
+def cleared_run_outputs() -> tuple:
+    """Values for the run, diagnostics and export outputs (app.py's `run_outputs + diag_outputs + export_outputs`
+    order): the run state is dropped (so Export cannot hand out an earlier run either), layer sliders stay as they
+    are, and every view says why it is empty."""
+    note = f"*{FAILED_NOTE}.*"
+    run = (None, failed_answer_html("full"), failed_answer_html("evicted"), empty_figure("no run"), note, note, None)
+    sliders = tuple(gr.skip() for _ in range(3))
+    diag = (None, note, empty_figure("no run"), note, empty_figure("no run"), note, empty_figure("no run"), note,
+            empty_figure("no run"), note, "### Walkthrough unavailable\n" + note, None, "", None, "", None, "")
+    export = (None, note)
+    return run + sliders + diag + export
+
+
+def cleared_compare_outputs() -> tuple:
+    """Values for the Compare-methods outputs (figure, budgets figure, table) after a failed comparison."""
+    return empty_figure("no comparison"), empty_figure("no comparison"), f"*{FAILED_NOTE}.*"
 
 
 __all__ = ["RunState", "run_comparison", "diagnostics", "overlay_view", "attention_view", "compare_methods",
