@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _render(args, inputs)
-    except Exception as e:  # a bug: one line with an error id, the traceback saved to a file
+    except Exception as e:  # noqa: BLE001 - a bug: one line with an error id, the traceback saved to a file
         print("error: " + cli_unexpected_message(e, "python -m analysis.figures"), file=sys.stderr)
         return 1
 

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except Exception as e:  # a bug or an environment failure: no traceback on the user's terminal
+    except Exception as e:  # noqa: BLE001 - logged with its traceback and an error id; the user gets one line
         command = "python -m tgvkv " + " ".join(sys.argv[1:] if argv is None else argv)
         print("error: " + cli_unexpected_message(e, command), file=sys.stderr)
         return 1
