@@ -37,15 +37,15 @@ class TGVKV(lmms):
         from ....loading import LoadOptions, load_model
 
         self.tgvkv_config = cfg = PluginConfig.from_model_args(model_args)
-        accelerator = Accelerator()
-        self.accelerator = accelerator
+        self.accelerator = Accelerator()
+        rank, world, local_rank = _process_group(self.accelerator)
         device = cfg.device
-        if accelerator.num_processes > 1:
+        if world > 1:
             if cfg.device_map:
                 raise ValueError("device_map spreads one model over all GPUs of one process; it cannot be combined "
                                  "with data parallelism (accelerate launch with several processes)")
-            device = f"cuda:{accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
-            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+            self._rank, self._world_size = rank, world
         model, processor = load_model(cfg.pretrained, LoadOptions(device=device, dtype=cfg.dtype,
                                                                   device_map=cfg.device_map,
                                                                   trust_remote_code=cfg.trust_remote_code))
@@ -130,3 +130,17 @@ class TGVKV(lmms):
             out.append(self.runner.loglikelihood(context, continuation, doc_to_visual(doc),
                                                  RequestRef(task, split, doc_id)))
         return out
+
+
+def _process_group(accelerator) -> tuple[int, int, int]:
+    """(rank, world size, local rank). With GPUs accelerate knows them; `accelerate launch --multi_gpu` on a
+    machine without GPUs starts a gloo group that the Accelerator reports as one process (lmms-eval then takes
+    its torchrun path), so the process group is asked first."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", accelerator.local_process_index))
+        return dist.get_rank(), dist.get_world_size(), local
+    return accelerator.process_index, accelerator.num_processes, accelerator.local_process_index
