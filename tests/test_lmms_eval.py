@@ -214,3 +214,196 @@ def test_loglikelihood_at_keep_1_equals_a_plain_forward(demo):
     assert evicted.loglikelihood(qa.question, " " + qa.answer, [img], RequestRef(TASK, "test", 0))[0] < logp
     with pytest.raises(ValueError, match="loglikelihood needs a non-empty continuation"):
         runner.loglikelihood(qa.question, "", [img], RequestRef(TASK, "test", 0))
+
+
+# -- lmms-eval's own command line on a local task --------------------------------------------------------------------
+TASK_UTILS = '''
+"""Local test task: demo scenes from data.jsonl next to this file, scored with lmms-eval's own VQA normaliser."""
+import os
+
+from PIL import Image
+
+from lmms_eval.tasks._task_utils.vqa_eval_metric import EvalAIAnswerProcessor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_normalise = EvalAIAnswerProcessor()
+
+
+def doc_to_visual(doc):
+    with Image.open(os.path.join(HERE, doc["image"])) as im:
+        return [im.convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    pred = _normalise(results[0])
+    return {"exact_match": float(any(pred == _normalise(a) for a in doc["answers"]))}
+'''
+
+TASK_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answers
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_new_tokens: {max_new_tokens}
+  temperature: 0
+  do_sample: false
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 0.0
+"""
+
+
+def write_task(folder: Path, n: int) -> Path:
+    """The first `n` demo test-split questions as a folder task that both evaluators read: data.jsonl + images
+    (`python -m tgvkv.eval --task folder`), and an lmms-eval task (YAML + utils.py) over the same data.jsonl."""
+    from tgvkv.demo import scenes
+
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for i, qa in enumerate(scenes.dataset("test", n)):
+        qa.scene.render().save(folder / "images" / f"{i:03d}.png")
+        lines.append(json.dumps({"id": f"demo-{i:03d}", "image": f"images/{i:03d}.png", "question": qa.question,
+                                 "answers": [qa.answer], "qtype": qa.qtype, "metric": "exact"}))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "utils.py").write_text(TASK_UTILS)
+    (folder / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=folder / "data.jsonl",
+                                                          max_new_tokens=MAX_NEW_TOKENS))
+    return folder
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp / "hf"), "GRADIO_ANALYTICS_ENABLED": "False",
+            "LMMS_EVAL_PLUGINS": PLUGIN, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def run_lmms_eval(task_dir: Path, out: Path, model_args: str, launcher: list[str] | None = None,
+                  extra: list[str] = ()) -> tuple[dict, dict[int, dict]]:
+    """`python -m lmms_eval` (or accelerate launch -m lmms_eval) with the plugin; (results, samples by doc_id)."""
+    cmd = [*(launcher or [sys.executable]), "-m", "lmms_eval", "--model", "tgvkv", "--model_args", model_args,
+           "--tasks", TASK, "--include_path", str(task_dir), "--output_path", str(out), "--log_samples",
+           "--batch_size", "1", *extra]
+    res = subprocess.run(cmd, env=_env(out.parent), capture_output=True, text=True, cwd=out.parent, timeout=900)
+    results = sorted(out.glob("*/*_results.json"))
+    # lmms-eval prints an evaluation error and still exits 0: the results file is the proof of a complete run
+    assert res.returncode == 0 and len(results) == 1, (res.stdout + res.stderr)[-4000:]
+    samples = [json.loads(line) for p in out.glob(f"*/*_samples_{TASK}.jsonl") for line in p.read_text().splitlines()]
+    return json.loads(results[0].read_text()), {s["doc_id"]: s for s in samples}
+
+
+def run_tgvkv_eval(task_dir: Path, out: Path, keep: float) -> list[dict]:
+    """`python -m tgvkv.eval` on the same folder task: the full-KV reference and tgv-kv at `keep`."""
+    from tgvkv.eval.runner import read_rows
+
+    cmd = [sys.executable, "-m", "tgvkv.eval", "--model", str(DEMO), "--task", str(task_dir), "--methods", "tgv-kv",
+           "--keep", str(keep), "--no-followup", "--max-new-tokens", str(MAX_NEW_TOKENS), "--threads", "1",
+           "--no-progress", "--out", str(out)]
+    res = subprocess.run(cmd, env=_env(out.parent), capture_output=True, text=True, cwd=out.parent, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return read_rows(out / "rows.jsonl")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One lmms-eval run at keep 1.0, one at 0.1 (with traces), and `python -m tgvkv.eval` on the same examples."""
+    if not HAS_LMMS:
+        pytest.skip("lmms-eval is not installed (pip install -r requirements-lmms.txt)")
+    root = tmp_path_factory.mktemp("lmms")
+    task_dir = write_task(root / "task", N_EXAMPLES)
+    common = f"pretrained={DEMO},method=tgv-kv,protocol=official,dtype=float32,max_new_tokens=64"
+    lmms = {1.0: run_lmms_eval(task_dir, root / "lmms-keep1", common + ",keep=1.0"),
+            0.1: run_lmms_eval(task_dir, root / "lmms-keep0.1", common + f",keep=0.1,trace_dir={root / 'traces'}")}
+    rows = run_tgvkv_eval(task_dir, root / "tgvkv-eval", 0.1)
+    return root, task_dir, lmms, rows
+
+
+def _tgvkv_rows(rows: list[dict], method: str, keep: float) -> dict[int, dict]:
+    return {r["example_index"]: r for r in rows if r["method"] == method and float(r["keep"]) == keep}
+
+
+@needs_lmms
+@pytest.mark.slow
+def test_lmms_eval_scores_equal_tgvkv_eval(runs):
+    _, _, lmms, rows = runs
+    for keep, method in ((1.0, "full"), (0.1, "tgv-kv")):
+        results, samples = lmms[keep]
+        ours = _tgvkv_rows(rows, method, keep)
+        assert sorted(samples) == sorted(ours) == list(range(N_EXAMPLES))
+        assert results["n-samples"][TASK] == {"original": N_EXAMPLES, "effective": N_EXAMPLES}
+        assert [samples[i]["input"] for i in range(N_EXAMPLES)] == [ours[i]["question"] for i in range(N_EXAMPLES)]
+        assert [samples[i]["filtered_resps"] for i in range(N_EXAMPLES)] == [ours[i]["prediction"]
+                                                                            for i in range(N_EXAMPLES)]
+        assert [samples[i]["exact_match"] for i in range(N_EXAMPLES)] == [ours[i]["score"] for i in range(N_EXAMPLES)]
+        accuracy = sum(r["score"] for r in ours.values()) / N_EXAMPLES
+        assert results["results"][TASK]["exact_match,none"] == pytest.approx(accuracy, abs=1e-12)
+        assert [samples[i]["token_counts"][0]["input_tokens"] for i in range(N_EXAMPLES)] == [
+            ours[i]["prompt_tokens"] for i in range(N_EXAMPLES)]
+    evicted = lmms[0.1][1]
+    assert any(evicted[i]["filtered_resps"] != lmms[1.0][1][i]["filtered_resps"] for i in range(N_EXAMPLES))
+
+
+@needs_lmms
+@pytest.mark.slow
+def test_lmms_eval_keep_1_equals_plain_generate(runs, demo):
+    _, _, lmms, _ = runs
+    model, processor, qas = demo
+    samples = lmms[1.0][1]
+    for i, qa in enumerate(qas):
+        assert samples[i]["filtered_resps"] == _plain_generate(model, processor, [qa.scene.render()], qa.question,
+                                                               MAX_NEW_TOKENS)
+
+
+@needs_lmms
+@pytest.mark.slow
+def test_lmms_eval_run_saves_one_trace_per_answer(runs):
+    from tgvkv import Trace
+
+    root, task_dir, lmms, rows = runs
+    index = [json.loads(line) for line in (root / "traces" / "index.rank0.jsonl").read_text().splitlines()]
+    assert sorted(r["doc_id"] for r in index) == list(range(N_EXAMPLES))
+    ours = _tgvkv_rows(rows, "tgv-kv", 0.1)
+    for r in index:
+        tr = Trace.load(root / "traces" / r["trace"])
+        assert (tr.method, tr.keep_ratio, tr.protocol, tr.question) == ("tgv-kv", 0.1, "official",
+                                                                        ours[r["doc_id"]]["question"])
+        assert tr.output_text == r["prediction"] == lmms[0.1][1][r["doc_id"]]["filtered_resps"]
+        assert r["kv_bytes_kept"] == ours[r["doc_id"]]["kv_bytes_kept"] == int(tr.kv_bytes_kept.sum())
+        saved = np.asarray(Image.open(root / "traces" / r["images"][0]))
+        assert np.array_equal(saved, np.asarray(Image.open(task_dir / "images" / f"{r['doc_id']:03d}.png")))
+
+
+@needs_lmms
+@pytest.mark.slow
+def test_lmms_eval_data_parallel_equals_single_process(runs):
+    """`accelerate launch --multi_gpu --num_processes 2 -m lmms_eval` (two CPU processes here): lmms-eval shards
+    the documents by rank; answers and score equal the single-process run, each process writes its own index."""
+    root, task_dir, lmms, _ = runs
+    n = 6
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", "29561"]
+    args = f"pretrained={DEMO},keep=0.1,max_new_tokens=64,trace_dir={root / 'dp-traces'},trace_images=false"
+    results, samples = run_lmms_eval(task_dir, root / "lmms-dp", args, launcher, ["--limit", str(n)])
+    single = lmms[0.1][1]
+    assert {i: s["filtered_resps"] for i, s in samples.items()} == {i: single[i]["filtered_resps"] for i in range(n)}
+    assert results["results"][TASK]["exact_match,none"] == pytest.approx(
+        sum(single[i]["exact_match"] for i in range(n)) / n, abs=1e-12)
+    per_rank = {p.name: sorted(json.loads(line)["doc_id"] for line in p.read_text().splitlines())
+                for p in (root / "dp-traces").glob("index.rank*.jsonl")}
+    assert per_rank == {"index.rank0.jsonl": [0, 2, 4], "index.rank1.jsonl": [1, 3, 5]}
+    assert not list((root / "dp-traces").rglob("*.png"))
