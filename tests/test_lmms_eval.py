@@ -140,14 +140,14 @@ def demo():
     return model, processor, scenes.dataset("test", N_EXAMPLES)
 
 
-def _plain_generate(model, processor, images, question, max_new_tokens) -> str:
+def _plain_generate(model, processor, images, question, max_new_tokens, videos=()) -> str:
     """The model's own `generate` on the same chat-template prompt (no engine, no eviction)."""
     import torch
 
     from tgvkv import hf_compat
 
-    prompt = hf_compat.render_prompt(processor, question, len(images))
-    inputs = hf_compat.process_inputs(processor, images, prompt, model.device, model.dtype)
+    prompt = hf_compat.render_prompt(processor, question, len(images), len(videos))
+    inputs = hf_compat.process_inputs(processor, images, prompt, model.device, model.dtype, videos=list(videos))
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -214,6 +214,38 @@ def test_loglikelihood_at_keep_1_equals_a_plain_forward(demo):
     assert evicted.loglikelihood(qa.question, " " + qa.answer, [img], RequestRef(TASK, "test", 0))[0] < logp
     with pytest.raises(ValueError, match="loglikelihood needs a non-empty continuation"):
         runner.loglikelihood(qa.question, "", [img], RequestRef(TASK, "test", 0))
+
+
+@pytest.mark.parametrize("family, sizes, clips", [
+    ("qwen2_vl", [(40, 24), (16, 32)], []),  # several images in one prompt
+    ("llava_onevision", [(30, 20)], [(2, 24, 40)]),  # an image and a video
+    ("qwen2_vl", [], [(4, 24, 40)]),  # a video alone
+])
+def test_several_images_and_videos_reach_the_engine(family, sizes, clips):
+    """lmms-eval style requests (placeholders in the context, visuals as a list) on tiny models of the families
+    that take several images / video: keep 1.0 equals plain `generate`, keep 0.3 equals the engine called directly."""
+    import tiny_families as tf
+    from tiny_models import random_image
+
+    from tgvkv.generation import CaptureOptions, RunOptions, generate
+
+    model, processor = {"qwen2_vl": tf.tiny_qwen2_vl, "llava_onevision": tf.tiny_onevision}[family]()
+    images = [random_image(10 + i, s) for i, s in enumerate(sizes)]
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 255, (*shape, 3), dtype=np.uint8) for shape in clips]
+    question = "what is the colour of the circle ?"
+    context = "".join(f"<image {i + 1}> " for i in range(len(images))) + "<video>\n" * len(videos) + question
+    visuals = [*images, *videos]
+    full = EngineRunner(model, processor, PluginConfig(pretrained=family, keep=1.0, max_new_tokens=6))
+    ans = full.answer(context, visuals, {}, RequestRef(TASK, "test", 0))
+    assert ans.text == _plain_generate(model, processor, images, question, 6, videos) and ans.new_tokens == 6
+    evicted = EngineRunner(model, processor, PluginConfig(pretrained=family, keep=0.3, max_new_tokens=6))
+    ans = evicted.answer(context, visuals, {}, RequestRef(TASK, "test", 0))
+    direct = generate(model, processor, images, question, "tgv-kv", 0.3, options=RunOptions(max_new_tokens=6),
+                      capture=CaptureOptions(diagnostics=False, hidden_states=False), videos=videos)
+    assert (ans.text, ans.prompt_tokens, ans.kv_bytes_kept) == (direct.text, direct.trace.seq_len,
+                                                               int(direct.trace.kv_bytes_kept.sum()))
+    assert ans.kv_bytes_kept < ans.kv_bytes_full
 
 
 # -- lmms-eval's own command line on a local task --------------------------------------------------------------------
