@@ -248,6 +248,66 @@ def test_several_images_and_videos_reach_the_engine(family, sizes, clips):
     assert ans.kv_bytes_kept < ans.kv_bytes_full
 
 
+@needs_lmms
+def test_the_lmms_class_answers_every_request_type(demo):
+    """The registered class, built the way lmms-eval builds it, on hand-made Instances of the three request types."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    from tgvkv import hf_compat
+    from tgvkv.integrations.lmms_eval.models import AVAILABLE_MODELS, manifest
+
+    model, processor, qas = demo
+    registry = ModelRegistryV2()
+    registry.register_manifest(manifest())
+    cls = registry.get_model_class("tgvkv")  # checks: an `lmms` subclass, a simple model
+    assert cls.__name__ == AVAILABLE_MODELS["tgvkv"] and cls.__module__ == f"{PLUGIN}.models.tgvkv"
+    lm = cls.create_from_arg_string(f"pretrained={DEMO},keep=1.0,max_new_tokens={MAX_NEW_TOKENS}",
+                                    {"batch_size": 1, "device": "cpu"})
+    assert (lm.rank, lm.world_size, lm.batch_size, str(lm.device)) == (0, 1, 1, "cpu")
+    docs = [{"q": qa.question, "image": qa.scene.render(), "a": qa.answer} for qa in qas[:3]]
+    lm.task_dict = {TASK: {"test": docs}}
+
+    def doc_to_visual(doc):
+        return [doc["image"]]
+
+    def request(kind, args, doc_id):
+        return Instance(kind, args, 0, metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
+
+    gen = [request("generate_until", ("<image>\n" + d["q"], {"until": ["\n\n"]}, doc_to_visual, i, TASK, "test"), i)
+           for i, d in enumerate(docs)]
+    out = lm.generate_until(gen)
+    want = [_plain_generate(model, processor, [d["image"]], d["q"], MAX_NEW_TOKENS) for d in docs]
+    assert [r.text for r in out] == want
+    prompt_lengths = [hf_compat.process_inputs(processor, [d["image"]], hf_compat.render_prompt(processor, d["q"], 1),
+                                               model.device, model.dtype)["input_ids"].shape[1] for d in docs]
+    assert [r.token_counts.input_tokens for r in out] == prompt_lengths
+    assert all(r.token_counts.output_tokens >= len(processor.tokenizer(w, add_special_tokens=False)["input_ids"])
+               for r, w in zip(out, want))
+
+    calls = []
+
+    def doc_to_text(doc, previous_output=None, round_idx=None, previous_round_info=None):
+        calls.append((round_idx, list(previous_output), previous_round_info))
+        if round_idx == 1:  # the second round asks the next document's question about this image
+            return [doc["image"]], docs[1]["q"], False, previous_output, {"asked": docs[1]["q"]}
+        return None, None, True, previous_output, None
+
+    multi = request("generate_until_multi_round", (docs[0]["q"], {}, doc_to_visual, doc_to_text, 0, TASK, "test"), 0)
+    (rounds,) = lm.generate_until_multi_round([multi])
+    assert rounds == [want[0], _plain_generate(model, processor, [docs[0]["image"]], docs[1]["q"], MAX_NEW_TOKENS)]
+    assert calls == [(1, [want[0]], None), (2, rounds, {"asked": docs[1]["q"]})]
+
+    ll = [request("loglikelihood", (d["q"], " " + w, doc_to_visual, i, TASK, "test"), i)
+          for i, (d, w) in enumerate(zip(docs, want))]
+    runner = EngineRunner(model, processor, PluginConfig(pretrained=str(DEMO), keep=1.0))
+    assert lm.loglikelihood(ll) == [runner.loglikelihood(d["q"], " " + w, [d["image"]], RequestRef(TASK, "test", i))
+                                    for i, (d, w) in enumerate(zip(docs, want))]
+    assert all(greedy for _, greedy in lm.loglikelihood(ll))  # the model's own answers are its greedy ones
+    lm.clean()
+    assert lm.runner is None and not hasattr(lm, "_model")
+
+
 # -- lmms-eval's own command line on a local task --------------------------------------------------------------------
 TASK_UTILS = '''
 """Local test task: demo scenes from data.jsonl next to this file, scored with lmms-eval's own VQA normaliser."""

@@ -77,6 +77,11 @@ class TGVKV(lmms):
     def eot_token_id(self):
         return self.tokenizer.eos_token_id
 
+    def clean(self) -> None:
+        """lmms-eval frees the model after the requests (before LLM-judge metrics): drop our reference too."""
+        self.runner = None
+        super().clean()
+
     # -- requests ------------------------------------------------------------------------------------------------
     def _doc(self, task: str, split: str, doc_id: Any) -> Any:
         return self.task_dict[task][split][doc_id]
