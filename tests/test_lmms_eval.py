@@ -190,6 +190,21 @@ def test_evicted_answers_equal_the_engine_and_stops_cut_them(demo):
     assert cut.raw_text == direct.text and cut.text == direct.text.split(" " + first_word)[0]
 
 
+def test_bad_requests_and_options_name_what_to_fix(demo, tmp_path):
+    model, processor, qas = demo
+    runner = EngineRunner(model, processor, PluginConfig(pretrained=str(DEMO), keep=0.1))
+    ref = RequestRef(TASK, "test", 7)
+    with pytest.raises(ValueError) as e:
+        runner.answer(qas[0].question, [str(tmp_path / "gone.png")], {}, ref)
+    assert str(e.value) == f"task 'tgvkv_demo_scenes' split 'test' doc 7: image file not found: {tmp_path / 'gone.png'}"
+    with pytest.raises(ValueError, match=r"^task 'tgvkv_demo_scenes' split 'test' doc 7 round 2: num_beams=3 is not"):
+        runner.answer(qas[0].question, [qas[0].scene.render()], {"num_beams": 3}, RequestRef(TASK, "test", 7, 2))
+    with pytest.raises(ValueError, match=r"^model_args: policy_options: method 'tgv-kv' has no option\(s\) \['windw'\]"):
+        EngineRunner(model, processor, PluginConfig(pretrained=str(DEMO), policy_options={"windw": 4}))
+    with pytest.raises(ValueError, match="policy_options are given but method is 'full'"):
+        EngineRunner(model, processor, PluginConfig(pretrained=str(DEMO), method="full", policy_options={"x": 1}))
+
+
 def test_loglikelihood_at_keep_1_equals_a_plain_forward(demo):
     import torch
 

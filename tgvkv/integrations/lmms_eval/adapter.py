@@ -208,7 +208,9 @@ def split_visuals(visuals: Any, max_frames: int) -> tuple[list[Image.Image], lis
             suffix = path.suffix.lower()
             if suffix in VIDEO_SUFFIXES:
                 videos.append(load_video_frames(path, max_frames))
-            elif suffix in IMAGE_SUFFIXES and path.is_file():
+            elif suffix in IMAGE_SUFFIXES:
+                if not path.is_file():
+                    raise ValueError(f"image file not found: {path}")
                 with Image.open(path) as im:
                     images.append(im.convert("RGB"))
             else:
@@ -331,6 +333,13 @@ class EngineRunner:
         self.policy_options = {**base, **config.policy_options}
         if config.policy is None and config.policy_options:
             raise ValueError("model_args: policy_options are given but method is 'full' (nothing is evicted)")
+        if config.policy is not None:  # unknown or bad options: say so now, not at the first request
+            from ...policies import make_policy
+
+            try:
+                make_policy(config.policy, **self.policy_options)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"model_args: policy_options: {e}") from None
         self._warned: set[str] = set()
 
     def _capture(self):
@@ -349,13 +358,13 @@ class EngineRunner:
     def answer(self, context: str, visuals: Any, gen_kwargs: Mapping[str, Any] | None, ref: RequestRef) -> Answer:
         from ...generation import RunOptions, generate
 
-        decoding = decoding_from_gen_kwargs(gen_kwargs, self.config.max_new_tokens)
-        question = clean_context(context)
-        images, videos = split_visuals(visuals, self.config.max_frames)
-        opts = RunOptions(max_new_tokens=decoding.max_new_tokens, protocol=self.config.protocol,
-                          do_sample=decoding.do_sample, temperature=decoding.temperature, top_p=decoding.top_p,
-                          seed=self.config.seed)
         try:
+            decoding = decoding_from_gen_kwargs(gen_kwargs, self.config.max_new_tokens)
+            question = clean_context(context)
+            images, videos = split_visuals(visuals, self.config.max_frames)
+            opts = RunOptions(max_new_tokens=decoding.max_new_tokens, protocol=self.config.protocol,
+                              do_sample=decoding.do_sample, temperature=decoding.temperature, top_p=decoding.top_p,
+                              seed=self.config.seed)
             res = generate(self.model, self.processor, images, question, self.config.policy, self.config.keep_ratio,
                            options=opts, capture=self._capture(), policy_options=self.policy_options,
                            model_name=self.model_name, videos=videos)
@@ -382,10 +391,10 @@ class EngineRunner:
         ids = self.processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         if not ids or len(ids) > MAX_NEW_TOKENS_LIMIT:
             raise ValueError(f"{ref}: the continuation has {len(ids)} tokens; 1 to {MAX_NEW_TOKENS_LIMIT} are supported")
-        question = clean_context(context)
-        images, videos = split_visuals(visuals, self.config.max_frames)
-        opts = RunOptions(max_new_tokens=len(ids), protocol=self.config.protocol, seed=self.config.seed)
         try:
+            question = clean_context(context)
+            images, videos = split_visuals(visuals, self.config.max_frames)
+            opts = RunOptions(max_new_tokens=len(ids), protocol=self.config.protocol, seed=self.config.seed)
             res = generate(self.model, self.processor, images, question, self.config.policy, self.config.keep_ratio,
                            options=opts, capture=self._capture(), policy_options=self.policy_options,
                            teacher_tokens=ids, model_name=self.model_name, videos=videos)

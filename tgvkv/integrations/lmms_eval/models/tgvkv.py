@@ -34,6 +34,7 @@ class TGVKV(lmms):
         import torch
         from accelerate import Accelerator
 
+        from .... import hf_compat
         from ....loading import LoadOptions, load_model
 
         self.tgvkv_config = cfg = PluginConfig.from_model_args(model_args)
@@ -50,7 +51,7 @@ class TGVKV(lmms):
                                                                   device_map=cfg.device_map,
                                                                   trust_remote_code=cfg.trust_remote_code))
         self._model, self.processor = model, processor
-        self._device = model.get_input_embeddings().weight.device
+        self._device = hf_compat.language_device(model)
         traces = TraceStore(cfg.trace_dir, self._rank, cfg.trace_images) if cfg.trace_dir else None
         self.runner = EngineRunner(model, processor, cfg, model_name=cfg.pretrained, traces=traces)
         eval_logger.info(f"tgvkv: {cfg.pretrained} on {self._device}, method={cfg.method} keep={cfg.keep_ratio} "
@@ -128,6 +129,10 @@ class TGVKV(lmms):
     def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
         out = []
         for req in tqdm(requests, disable=self.rank != 0, desc="tgvkv loglikelihood"):
+            if len(req.args) != 6:  # ("", choice): the unconditional terms of acc_mutual_info
+                raise ValueError(f"task {req.task_name!r}: loglikelihood requests without a document (the "
+                                 "acc_mutual_info metric's unconditional terms) are not supported: the engine "
+                                 "evicts by the image prompt")
             context, continuation, doc_to_visual, doc_id, task, split = req.args
             doc = self._doc(task, split, doc_id)
             if not isinstance(continuation, str):  # tasks may pass doc_to_target itself
