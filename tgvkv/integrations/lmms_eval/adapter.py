@@ -13,9 +13,10 @@ import json
 import math
 import re
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -72,7 +73,8 @@ class PluginConfig:
         if not isinstance(self.pretrained, str) or not self.pretrained.strip():
             raise ValueError("model_args: pretrained=<hub id or local folder> is required")
         if self.method not in POLICIES:
-            raise ValueError(f"model_args: unknown method {self.method!r}; choose one of: {', '.join(sorted(POLICIES))}")
+            raise ValueError(f"model_args: unknown method {self.method!r}; "
+                             f"choose one of: {', '.join(sorted(POLICIES))}")
         try:
             check_keep_ratio(self.keep)
         except ValueError as e:
@@ -103,7 +105,7 @@ class PluginConfig:
         return 1.0 if self.method == FULL else float(self.keep)
 
     @classmethod
-    def from_model_args(cls, args: Mapping[str, Any]) -> "PluginConfig":
+    def from_model_args(cls, args: Mapping[str, Any]) -> PluginConfig:
         """From the dict lmms-eval parses out of ``--model_args`` (it has already turned "1" into 1, "true" into
         True, "0.05" into 0.05) plus its ``batch_size`` / ``max_batch_size`` / ``device``."""
         args = dict(args)
@@ -303,8 +305,9 @@ class TraceStore:
             "task": ref.task, "split": ref.split, "doc_id": ref.doc_id, "round": ref.round,
             "question": tr.question, "prediction": answer.text, "raw_prediction": answer.raw_text,
             "trace": str(path.relative_to(self.root)), "images": [str(p.relative_to(self.root)) for p in image_files],
-            "method": tr.method, "keep": tr.keep_ratio, "protocol": tr.protocol, "prompt_tokens": answer.prompt_tokens,
-            "new_tokens": answer.new_tokens, "kv_bytes_kept": answer.kv_bytes_kept, "kv_bytes_full": answer.kv_bytes_full,
+            "method": tr.method, "keep": tr.keep_ratio, "protocol": tr.protocol,
+            "prompt_tokens": answer.prompt_tokens, "new_tokens": answer.new_tokens,
+            "kv_bytes_kept": answer.kv_bytes_kept, "kv_bytes_full": answer.kv_bytes_full,
         }
         with self._lock, open(self.index_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
@@ -372,7 +375,7 @@ class EngineRunner:
             raise ValueError(f"{ref}: {e}") from e
         tr = res.trace
         answer = Answer(text=truncate_at_stops(res.text, decoding.until), raw_text=res.text,
-                        prompt_tokens=int(tr.seq_len), new_tokens=int(len(res.token_ids)),
+                        prompt_tokens=int(tr.seq_len), new_tokens=len(res.token_ids),
                         kv_bytes_kept=int(tr.kv_bytes_kept.sum()), kv_bytes_full=int(tr.kv_bytes_full.sum()),
                         ignored_settings=decoding.ignored)
         if self.traces is not None:
@@ -390,7 +393,8 @@ class EngineRunner:
             raise ValueError(f"{ref}: loglikelihood needs a non-empty continuation, got {continuation!r}")
         ids = self.processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         if not ids or len(ids) > MAX_NEW_TOKENS_LIMIT:
-            raise ValueError(f"{ref}: the continuation has {len(ids)} tokens; 1 to {MAX_NEW_TOKENS_LIMIT} are supported")
+            raise ValueError(f"{ref}: the continuation has {len(ids)} tokens; "
+                             f"1 to {MAX_NEW_TOKENS_LIMIT} are supported")
         try:
             question = clean_context(context)
             images, videos = split_visuals(visuals, self.config.max_frames)

@@ -9,14 +9,13 @@ GPUs of a single process instead; the two do not combine. The request plumbing i
 """
 from __future__ import annotations
 
-from typing import Any, List, Tuple
-
-from loguru import logger as eval_logger
-from tqdm import tqdm
+from typing import Any
 
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.api.registry import register_model
+from loguru import logger as eval_logger
+from tqdm import tqdm
 
 from ..adapter import EngineRunner, PluginConfig, RequestRef, TraceStore
 
@@ -96,7 +95,7 @@ class TGVKV(lmms):
         return GenerationResult(text=ans.text, token_counts=TokenCounts(input_tokens=ans.prompt_tokens,
                                                                         output_tokens=ans.new_tokens))
 
-    def generate_until(self, requests: List[Instance]) -> List[GenerationResult]:
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         out = []
         for req in tqdm(requests, disable=self.rank != 0, desc="tgvkv generate_until"):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
@@ -106,7 +105,7 @@ class TGVKV(lmms):
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), res.text)
         return out
 
-    def generate_until_multi_round(self, requests: List[Instance]) -> List[List[str]]:
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
         """Each round is its own prompt (the task's ``doc_to_text`` builds it from the previous answers, with
         the round's visuals), answered by a fresh engine call, as lmms-eval's reference models do."""
         out = []
@@ -126,7 +125,7 @@ class TGVKV(lmms):
             self.cache_hook.add_partial("generate_until_multi_round", (req.args[0], gen_kwargs), answers)
         return out
 
-    def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         out = []
         for req in tqdm(requests, disable=self.rank != 0, desc="tgvkv loglikelihood"):
             if len(req.args) != 6:  # ("", choice): the unconditional terms of acc_mutual_info
