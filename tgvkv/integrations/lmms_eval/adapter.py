@@ -14,7 +14,7 @@ import math
 import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -134,9 +134,6 @@ class PluginConfig:
         if isinstance(args.get("keep"), bool):
             raise ValueError(f"model_args: keep must be a number in (0, 1], got {args['keep']!r}")
         return cls(**args)
-
-    def describe(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # -- one request -----------------------------------------------------------------------------------------------
