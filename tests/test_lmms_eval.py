@@ -126,6 +126,19 @@ def test_video_files_are_sampled_uniformly(tmp_path):
     assert videos[0].shape == (5, 32, 32, 3)
     np.testing.assert_allclose(levels, [0, 5, 10, 14, 19], atol=0.5)
 
+    import tiny_families as tf
+
+    from tgvkv.generation import CaptureOptions, RunOptions, generate
+
+    model, processor = tf.tiny_qwen2_vl()  # a video file path, as video tasks give it, through the engine
+    runner = EngineRunner(model, processor, PluginConfig(pretrained="tiny-qwen2-vl", keep=0.3, max_new_tokens=5,
+                                                         max_frames=4))
+    ans = runner.answer("<video>\ndescribe the clip .", [str(path)], {}, RequestRef(TASK, "test", 0))
+    frames = split_visuals([str(path)], max_frames=4)[1]
+    direct = generate(model, processor, [], "describe the clip .", "tgv-kv", 0.3, options=RunOptions(max_new_tokens=5),
+                      capture=CaptureOptions(diagnostics=False, hidden_states=False), videos=frames)
+    assert (ans.text, ans.prompt_tokens, ans.new_tokens) == (direct.text, direct.trace.seq_len, len(direct.token_ids))
+
 
 # -- the engine behind the requests ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
