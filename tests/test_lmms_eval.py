@@ -38,9 +38,9 @@ TASK = "tgvkv_demo_scenes"
 def test_model_args_are_typed_and_checked():
     cfg = PluginConfig.from_model_args({"pretrained": "assets/demo-vlm", "method": "snapkv", "keep": 0.1,
                                         "protocol": "strict", "max_new_tokens": 16, "batch_size": 1,
-                                        "device": "", "policy_options": '{"window": 4}'})
+                                        "device": "", "policy_options": '{"window_size": 4}'})
     assert (cfg.method, cfg.keep, cfg.protocol, cfg.max_new_tokens, cfg.device) == ("snapkv", 0.1, "strict", 16, None)
-    assert cfg.policy == "snapkv" and cfg.keep_ratio == 0.1 and cfg.policy_options == {"window": 4}
+    assert cfg.policy == "snapkv" and cfg.keep_ratio == 0.1 and cfg.policy_options == {"window_size": 4}
     full = PluginConfig.from_model_args({"pretrained": "x/y", "method": "full", "keep": 0.05})
     assert full.policy is None and full.keep_ratio == 1.0
     assert PluginConfig.from_model_args({"pretrained": 7}).pretrained == "7"  # lmms-eval turns "7" into 7
