@@ -308,7 +308,7 @@ def test_prefixkv_decode_fixed_slot_with_truncation():
 def test_registry_lists_every_method():
     expected = {"full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "prefixkv", "tgv-kv", "tgv-ablation",
                 "tgv-uniform-window", "tgv-self-attn", "tgv-vv-tt", "tgv-tv-tt", "tgv-tvb-tv-tt",
-                "tgv-evict-text-first", "tgv-evict-vision-first"}
+                "tgv-evict-text-first", "tgv-evict-vision-first", "text-only"}
     assert set(POLICIES) == expected
 
 
