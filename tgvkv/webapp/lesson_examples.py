@@ -12,9 +12,10 @@ first, an example is used once):
     several seeds) is wrong, at the same budget;
 (b) ``both-lose``: the full-KV answer is right, TGV-KV's and every baseline row are wrong;
 (c) ``followup-lost``: both full-KV answers (first question and follow-up) are right, TGV-KV answers the first
-    question right and the follow-up wrong, *and* re-running TGV-KV shows its first-question selection kept less
-    than half of the follow-up's evidence patches (over all layers) and less than of the first question's own
-    (the demo task knows each question's target cells, ``tgvkv/demo/scenes.py``).
+    question right and the follow-up wrong, the two questions' evidence cells are disjoint (the follow-up asks about
+    another region), *and* re-running TGV-KV shows its first-question selection kept less than half of the
+    follow-up's evidence patches (share of (layer, patch) entries over all layers) and less than of the first
+    question's own (the demo task knows each question's target cells, ``tgvkv/demo/scenes.py``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from ..loading import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
+RULE = __doc__[__doc__.index("The rule"):].strip()  # stored with the chosen ids
 LESSON_DIR = REPO_ROOT / "assets" / "examples" / "lesson"
 INDEX_NAME = "lesson_examples.json"
 KINDS = ("keeps", "both-lose", "followup-lost")
@@ -44,6 +46,7 @@ class RegionKept:
 
     first: float
     followup: float
+    shared_cells: int = 0  # evidence cells the two questions have in common (0: the follow-up asks about another region)
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,7 @@ def pick_examples(rows: Sequence[dict[str, Any]], method: str = "tgv-kv", baseli
                     continue
                 checks += 1
                 rk = region_kept(row, keep)
-                if rk.followup < 0.5 and rk.followup < rk.first:
+                if rk.shared_cells == 0 and rk.followup < 0.5 and rk.followup < rk.first:
                     choose("followup-lost", row, keep,
                            f"at {keep:.0%} of the KV cache both full-KV answers are right and {method} answers the "
                            f"first question right but the follow-up wrong; its first-question selection kept "
@@ -206,9 +209,10 @@ def demo_region_checker(model: Any, processor: Any, split: str, n: int, max_new_
                        options=RunOptions(max_new_tokens=max_new_tokens),
                        capture=CaptureOptions(diagnostics=False, hidden_states=False))
         t = res.trace
-        rk = RegionKept(share(t, qa.target_cells), share(t, qa.followup_target_cells))
-        log.info("%s at %.0f%%: first-question evidence kept %.0f%%, follow-up evidence %.0f%%", row["example_id"],
-                 keep * 100, rk.first * 100, rk.followup * 100)
+        rk = RegionKept(share(t, qa.target_cells), share(t, qa.followup_target_cells),
+                        len(set(qa.target_cells) & set(qa.followup_target_cells)))
+        log.info("%s at %.0f%%: first-question evidence kept %.0f%%, follow-up evidence %.0f%%, %d shared cells",
+                 row["example_id"], keep * 100, rk.first * 100, rk.followup * 100, rk.shared_cells)
         return rk
 
     return check
@@ -230,7 +234,7 @@ def write_examples(chosen: dict[str, Choice], split: str, n: int, out_dir: Path,
         qas[c.example_index].scene.render().save(out_dir / image, optimize=True)
         entries.append({**asdict(c), "image": image})
     index = out_dir / INDEX_NAME
-    index.write_text(json.dumps({"rule": __doc__.split("\n\n", 2)[2].strip(), "source": source, "examples": entries},
+    index.write_text(json.dumps({"rule": RULE, "source": source, "examples": entries},
                                 indent=2, ensure_ascii=False) + "\n")
     return index
 
