@@ -198,8 +198,7 @@ def step_modality_gap(li: LessonInput) -> LessonStep:
     text = (f"In the {where}, **{share['vision']:.0%}** of the {int(d.is_vision.sum())} image tokens have an image token "
             f"as their nearest neighbour (cosine {vv:.2f}, against {vt:.2f} for the nearest text token), and "
             f"**{share['text']:.0%}** of the text tokens a text token ({tt:.2f} vs {tv:.2f}). "
-            "Text and image keys sit in separate neighbourhoods, so one attention score over both does not treat "
-            "them alike: TGV-KV measures text→image attention on its own.")
+            "Text and image keys live apart, so TGV-KV scores text→image attention on its own.")
     failure = None
     if vv <= vt or share["vision"] < 0.5:
         failure = (f"On this input the gap does not show: image tokens are about as close to text ({vt:.2f}) as to "
@@ -333,17 +332,17 @@ def step_ranking(li: LessonInput) -> LessonStep:
         q, w = qw
         order = np.argsort(-w)[:3]
         words = _list([f"“{token_text(tokens[q[i]])}” ({w[i]:.2f})" for i in order])
-        lead = f"The heaviest text tokens are {words}; the patches they point at most are {_list(places[:3])}."
+        lead = f"The heaviest text tokens are {words}; they point most at {_list(places[:2])}."
         top_tok = token_text(tokens[q[order[0]]])
         question_words = {w_.strip(" ?.!,").lower() for w_ in t.question.split()}
         if top_tok.strip(" ?.!,").lower() not in question_words or not any(ch.isalnum() for ch in top_tok):
             failure = (f"The heaviest text token is “{top_tok}”, not a content word of the question: on this input "
                        "the ranking follows the prompt template more than the question's meaning.")
     else:
-        lead = f"The patches the question's tokens attend to most are {_list(places[:3])}."
+        lead = f"The question's tokens point most at {_list(places[:2])}."
     top_kept = sum(bool(ov.kept[v][r, c]) for v, r, c in ov.top)
-    text = (f"{lead} In layer {layer} (the largest budget) {ov.n_kept_vision} of {ov.n_vision} image tokens stay, "
-            f"including {top_kept} of these top {len(ov.top)} patches (red boxes).")
+    text = (f"{lead} Layer {layer} (the largest budget) keeps {ov.n_kept_vision} of {ov.n_vision} image tokens, "
+            f"{top_kept} of the top {len(ov.top)} patches (red boxes) among them.")
     if top_kept < len(ov.top) and failure is None:
         failure = f"{len(ov.top) - top_kept} of the question's top {len(ov.top)} patches were evicted in layer {layer}."
     panels = overlay_panels(ov, [li.image] if li.image is not None else None, "kept")
@@ -403,21 +402,20 @@ def _protocol_sentence(full: Trace, run: ProtocolRun) -> tuple[str, str | None]:
     e = run.evicted
     d = run.first_divergence(full)
     fa, ea = answer_tokens(full), answer_tokens(e)
-    name = {"official": "the official protocol (first answer token from the full cache)",
-            "strict": "the strict protocol (first answer token from the evicted cache too)"}.get(run.protocol,
-                                                                                              run.protocol)
-    s = f"Under {name} the answer is {_quote(e.output_text)}"
+    name = {"official": "Official protocol (first token from the full cache)",
+            "strict": "Strict protocol (first token from the evicted cache too)"}.get(run.protocol, run.protocol)
+    s = f"{name}: {_quote(e.output_text)}"
     failure = None
     if d is None:
-        s += ", identical to the full answer"
+        s += ", identical"
     else:
         was = f"“{fa[d]}”" if d < len(fa) else "the end of the answer"
         now = f"“{ea[d]}”" if d < len(ea) else "the end of the answer"
-        s += f", which departs at token {d}: {now} instead of {was}"
+        s += f", departs at token {d}: {now} instead of {was}"
         failure = f"The answer changed under the {run.protocol} protocol from token {d} ({now} instead of {was})."
     if run.step_kl is not None and len(run.step_kl):
         j = int(np.argmax(run.step_kl))
-        s += f"; the largest per-step KL is {run.step_kl[j]:.2f} nats at “{fa[j] if j < len(fa) else j}”"
+        s += f"; largest per-step KL {run.step_kl[j]:.2f} nats at “{fa[j] if j < len(fa) else j}”"
     return s + ".", failure
 
 
@@ -425,8 +423,7 @@ def step_answer(li: LessonInput) -> LessonStep:
     key, title = "answer", "6 · What eviction did to the answer"
     full = li.full
     runs = [r for r in (li.official, li.strict) if r is not None]
-    parts, failures = [f"With the full cache the model answers {_quote(full.output_text)} "
-                       f"(TGV-KV keeps {li.trace.keep_ratio:.0%} of the KV cache)."], []
+    parts, failures = [f"Full KV cache: {_quote(full.output_text)}; TGV-KV keeps {li.trace.keep_ratio:.0%} of it."], []
     for r in runs:
         s, f = _protocol_sentence(full, r)
         parts.append(s)
@@ -482,9 +479,8 @@ def step_followup(li: LessonInput) -> LessonStep:
                           "no figure")
     same = (full.followup_ids is not None and t.followup_ids is not None
             and first_divergence(full.followup_ids, t.followup_ids) is None)
-    text = (f"Follow-up: **{t.followup_question}** With the full cache the model answers {_quote(full.followup_text)}; "
-            f"on the cache TGV-KV evicted for the first question it answers {_quote(t.followup_text)}"
-            f"{' (the same)' if same else ' (different)'}.")
+    text = (f"Follow-up **{t.followup_question}** Full KV: {_quote(full.followup_text)}; after the first question's "
+            f"eviction: {_quote(t.followup_text)} ({'the same' if same else 'different'}).")
     failure = None if same else "The follow-up answer changed after eviction."
     layer = largest_budget_layer(t)
     png, alt = None, "no figure"
@@ -498,13 +494,10 @@ def step_followup(li: LessonInput) -> LessonStep:
         kept_here = sum(bool(ov.kept[v][r, c]) for v, r, c in region)
         kept_mask = t.kept_mask if t.kept_mask is not None else np.ones((t.num_layers, t.seq_len), bool)
         share = float(kept_mask[:, pos].mean()) if pos else 1.0
-        first_region = {(v, r, c) for v, r, c in ov.top}
-        overlap = len(first_region & set(region))
         places = _list([f"row {r} col {c} ({place_name(r, c, ov.views[v].rows, ov.views[v].cols)})"
-                        for v, r, c in region[:3]])
-        text += (f" The follow-up looks most at {places}; the first question's selection kept {kept_here} of these "
-                 f"{len(region)} patches in layer {layer} and {share:.0%} of their entries over all layers "
-                 f"({overlap} of them are among the first question's own top patches).")
+                        for v, r, c in region[:2]])
+        text += (f" It looks most at {places}; the first selection kept {kept_here} of its top {len(region)} patches "
+                 f"in layer {layer} and {share:.0%} of their entries over all layers.")
         if not same and share < 0.5:
             failure = ("The follow-up answer changed, and the first question's selection had dropped most of the "
                        f"region the follow-up needs ({share:.0%} of its entries kept over all layers).")
@@ -568,10 +561,14 @@ DECK_CSS = """
 .lesson-deck .lesson-counter {font-weight: 600; min-width: 5em; text-align: center;}
 .lesson-deck .lesson-plotly {margin-top: 10px;}
 .lesson-deck.present {position: fixed; inset: 0; z-index: 10000; border-radius: 0; border: 0; overflow: auto;
-  padding: 18px 32px; font-size: 26px;}
-.lesson-deck.present .lesson-text p, .lesson-deck.present .lesson-failure, .lesson-deck.present .lesson-ok
-  {font-size: 26px;}
-.lesson-deck.present .lesson-figure img {max-height: 68vh;}
+  padding: 14px 28px 60px; font-size: 24px;}
+.lesson-deck.present .lesson-step h2 {font-size: 30px; margin: 2px 0 8px;}
+.lesson-deck.present .lesson-sub {margin-bottom: 4px;}
+.lesson-deck.present .lesson-figure img {max-height: 72vh;}
+.lesson-deck.present .lesson-nav {position: fixed; right: 16px; bottom: 8px; margin: 0; padding: 4px 8px;
+  background: rgba(255, 255, 255, 0.92); border-radius: 8px; font-size: 18px;}
+.lesson-deck.present .lesson-nav button {font-size: 18px; padding: 4px 12px;}
+.lesson-deck.present .lesson-keys {display: none;}
 .lesson-deck.present .lesson-plotly {display: none;}
 .lesson-deck.print .lesson-step {display: block; break-after: page; margin-bottom: 28px;}
 @media print {.lesson-deck .lesson-step {display: block; break-after: page;} .lesson-deck .lesson-nav {display: none;}}
@@ -608,6 +605,11 @@ function lessonInit(root) {
     else if (act === 'prev') lessonShow(d, i - 1);
     else if (act === 'present') d.classList.toggle('present');
   });
+  document.addEventListener('toggle', e => {  // a plotly figure drawn while its <details> was closed has no width
+    const d = e.target;
+    if (d.matches && d.matches('details.lesson-plotly') && d.open && window.Plotly)
+      d.querySelectorAll('.js-plotly-plot').forEach(p => window.Plotly.Plots.resize(p));
+  }, true);
   document.addEventListener('keydown', e => {
     const t = e.target;
     if (t && (t.isContentEditable || ['INPUT', 'TEXTAREA', 'SELECT'].includes(t.tagName))) return;

@@ -83,19 +83,19 @@ def test_retention_step_lists_layers_that_lost_text(lesson_input):
 
 def test_answer_step_says_where_each_protocol_departed(lesson_input):
     step = AL.step_answer(lesson_input)
-    assert "With the full cache the model answers “the cat is red”" in step.text
-    assert "departs at token 2: “was” instead of “is”" in step.text
-    assert "largest per-step KL is 2.50 nats at “is”" in step.text
-    assert "strict protocol (first answer token from the evicted cache too) the answer is “the cat is red”, " \
-           "identical to the full answer" in step.text
+    assert step.text.startswith("Full KV cache: “the cat is red”; TGV-KV keeps 10% of it.")
+    assert "Official protocol (first token from the full cache): “the cat was red”, departs at token 2: “was” " \
+           "instead of “is”; largest per-step KL 2.50 nats at “is”." in step.text
+    assert "Strict protocol (first token from the evicted cache too): “the cat is red”, identical; largest " \
+           "per-step KL 0.02 nats at “the”." in step.text
     assert step.failure == "The answer changed under the official protocol from token 2 (“was” instead of “is”)."
     assert [d["name"] for d in json.loads(step.plotly_json)["data"]] == ["official", "strict"]
 
 
 def test_followup_step_measures_the_region_the_followup_needs(lesson_input):
     step = AL.step_followup(lesson_input)
-    assert "Follow-up: **is there a dog ?**" in step.text
-    assert "model answers “no dog”" in step.text and "it answers “no cat” (different)" in step.text
+    assert step.text.startswith("Follow-up **is there a dog ?** Full KV: “no dog”; after the first question's "
+                                "eviction: “no cat” (different).")
     t = lesson_input.trace
     region = AL.followup_region(lesson_input.followup_probe)
     assert len(region) == AL.TOP_PATCHES
@@ -131,7 +131,7 @@ def test_lesson_html_is_self_contained_and_pdf_has_a_page_per_step(lesson_input,
     page = AL.write_html(lesson, tmp_path / "l.html").read_text()
     markup = re.sub(r"<script>.*?</script>", "", page, flags=re.S)  # plotly.js itself holds link strings
     assert not re.search(r"""(src|href)=["']https?:""", markup)  # nothing fetched from the network
-    assert page.count('src="data:image/png;base64,') == sum(s.png is not None for s in lesson.steps)
+    assert markup.count('src="data:image/png;base64,') == sum(s.png is not None for s in lesson.steps)
     assert page.count('class="lesson-step') == 7 and "Plotly.newPlot" in page and "lessonInit(" in page
     pdf = AL.write_pdf(lesson, tmp_path / "l.pdf").read_bytes()
     assert pdf.startswith(b"%PDF") and len(re.findall(rb"/Type\s*/Page\b", pdf)) == 8
@@ -201,4 +201,4 @@ def test_written_index_loads_back(tmp_path):
     assert [e["example_id"] for e in doc["examples"]] == ["test-00001-s1"] and doc["rule"].startswith("The rule")
     (ex,) = load_lesson_examples(tmp_path)
     assert (ex.kind, ex.question, ex.followup, ex.keep_percent) == ("both-lose", "q1", "f1", 10)
-    assert ex.path.is_file() and ex.label == "(b) both lose the answer · 10% · q1"
+    assert ex.path.is_file() and ex.label == "(b) TGV-KV and random both lose it · 10%"

@@ -239,8 +239,8 @@ def write_examples(chosen: dict[str, Choice], split: str, n: int, out_dir: Path,
     return index
 
 
-LABELS = {"keeps": "(a) TGV-KV keeps the answer, random loses it", "both-lose": "(b) both lose the answer",
-          "followup-lost": "(c) the follow-up loses the region it needs"}
+LABELS = {"keeps": "(a) TGV-KV keeps it, random loses it", "both-lose": "(b) TGV-KV and random both lose it",
+          "followup-lost": "(c) the follow-up lost its region"}  # short: Gradio cuts long example labels
 
 
 def load_lesson_examples(folder: Path = LESSON_DIR) -> list[LessonExample]:
@@ -256,7 +256,7 @@ def load_lesson_examples(folder: Path = LESSON_DIR) -> list[LessonExample]:
             continue
         out.append(LessonExample(e["kind"], e["image"], e["question"], e.get("followup_question") or "",
                                  round(float(e["keep"]) * 100), f"{LABELS.get(e['kind'], e['kind'])} · "
-                                 f"{float(e['keep']):.0%} · {e['question']}", folder))
+                                 f"{float(e['keep']):.0%}", folder))
     return out
 
 
