@@ -87,8 +87,8 @@ def test_lesson_present_step_export_offline(browser, tmp_path):
         page.wait_for_selector("#lesson-files a[download]")
         wait_idle(page)
         links = page.locator("#lesson-files a[download]")
-        names = sorted(links.nth(i).inner_text().strip() for i in range(links.count()))
-        assert [Path(n).suffix for n in names] == [".html", ".pdf"]
+        hrefs = sorted(links.nth(i).get_attribute("href") for i in range(links.count()))
+        assert [Path(h.split("?")[0]).suffix for h in hrefs] == [".html", ".pdf"]
         saved = {}
         for i in range(links.count()):
             with page.expect_download() as dl:
