@@ -442,9 +442,9 @@ def step_answer(li: LessonInput) -> LessonStep:
                 ax.axhline(KL_NOTICEABLE, color=palette.BOUNDARY, ls=":", lw=1.5)
                 ax.set_ylabel("KL (nats)")
             else:
-                same = [1.0 if d is None or i < d else 0.0 for i in range(len(fa))]
-                ax.bar(np.arange(len(fa)), same, color=[palette.TEXT if v else palette.HIGHLIGHT for v in same])
-                ax.set_ylabel("same token")
+                same = [d is None or i < d for i in range(len(fa))]  # no KL measured: which tokens still match
+                ax.bar(np.arange(len(fa)), np.ones(len(fa)), color=[palette.TEXT if v else palette.HIGHLIGHT for v in same])
+                ax.set(yticks=[], ylabel="token")
             ax.set_title(f"{r.protocol}: " + ("identical answer" if d is None else f"diverges at token {d}"), fontsize=16)
         axes[-1].set_xticks(np.arange(len(fa)), fa, rotation=45 if len(fa) > 8 else 0, ha="right" if len(fa) > 8 else "center")
         axes[-1].set_xlabel("full-KV answer token")
@@ -688,14 +688,15 @@ def write_pdf(lesson: Lesson, path: str | Path) -> Path:
     from matplotlib.backends.backend_pdf import PdfPages
 
     path = Path(path)
-    with mpl.rc_context(SLIDE_STYLE), PdfPages(path, metadata={"Title": lesson.title}) as pdf:
+    page_style = {**SLIDE_STYLE, "savefig.bbox": "standard"}  # whole 16:9 pages, not cropped to their content
+    with mpl.rc_context(page_style), PdfPages(path, metadata={"Title": lesson.title}) as pdf:
         page = Figure(figsize=(13.33, 7.5))
         page.text(0.5, 0.6, lesson.title, ha="center", fontsize=30, fontweight="bold")
         page.text(0.5, 0.45, "\n".join(textwrap.wrap(lesson.subtitle, 90)), ha="center", va="top", fontsize=18)
         pdf.savefig(page)
         for s in lesson.steps:
             page = Figure(figsize=(13.33, 7.5))
-            page.text(0.03, 0.95, s.title, fontsize=24, fontweight="bold", va="top")
+            page.text(0.03, 0.95, s.title, fontsize=20, fontweight="bold", va="top")
             if s.png is not None:
                 ax = page.add_axes([0.02, 0.04, 0.56, 0.82])
                 ax.imshow(np.asarray(Image.open(io.BytesIO(s.png)).convert("RGB")), interpolation="none")
@@ -703,7 +704,7 @@ def write_pdf(lesson: Lesson, path: str | Path) -> Path:
             body = "\n".join(textwrap.wrap(s.text.replace("**", ""), 44))
             page.text(0.61, 0.86, body, fontsize=16, va="top", linespacing=1.4)
             verdict = ("Where it failed: " + s.failure) if s.failure else "No failure on this input."
-            page.text(0.61, 0.86 - 0.047 * (body.count("\n") + 2), "\n".join(textwrap.wrap(verdict, 44)), fontsize=16,
+            page.text(0.61, 0.86 - 0.047 * (body.count("\n") + 2), "\n".join(textwrap.wrap(verdict, 38)), fontsize=16,
                       va="top", linespacing=1.4, color=palette.HIGHLIGHT if s.failure else palette.KEPT,
                       fontweight="bold")
             pdf.savefig(page)
