@@ -29,7 +29,6 @@ import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
@@ -191,11 +190,13 @@ def step_modality_gap(li: LessonInput) -> LessonStep:
                           "no figure")
     c = d.curves
     if not len(c.get("vision→vision", [])) or not len(c.get("text→text", [])):
-        return LessonStep(key, title, "The prompt needs both text and image tokens for this step.", None, None, "no figure")
+        return LessonStep(key, title, "The prompt needs both text and image tokens for this step.", None, None,
+                          "no figure")
     share = nearest_same_modality(t.hidden_states[d.layer_name], d.is_vision)
     vv, vt, tt, tv = c["vision→vision"][0], c["vision→text"][0], c["text→text"][0], c["text→vision"][0]
     where = hidden_label(d.layer_name)
-    text = (f"In the {where}, **{share['vision']:.0%}** of the {int(d.is_vision.sum())} image tokens have an image token "
+    text = (f"In the {where}, **{share['vision']:.0%}** of the {int(d.is_vision.sum())} image tokens have an image "
+            "token "
             f"as their nearest neighbour (cosine {vv:.2f}, against {vt:.2f} for the nearest text token), and "
             f"**{share['text']:.0%}** of the text tokens a text token ({tt:.2f} vs {tv:.2f}). "
             "Text and image keys live apart, so TGV-KV scores text→image attention on its own.")
@@ -240,7 +241,8 @@ def step_uneven_attention(li: LessonInput) -> LessonStep:
             f"entries; {t.method} evicts {m_text:.0%} of them.")
     failure = None
     if m_text > 0:
-        failure = f"{t.method} also lost {m_text:.0%} of the text entries (some layer budgets are smaller than the text)."
+        failure = (f"{t.method} also lost {m_text:.0%} of the text entries (some layer budgets are smaller than the "
+                   "text).")
     with mpl.rc_context(SLIDE_STYLE):
         fig = _fig()
         ax = fig.subplots()
@@ -276,7 +278,8 @@ def step_budgets(li: LessonInput) -> LessonStep:
     hi, lo = int(np.argmax(share)), int(np.argmin(share))
     capped = np.flatnonzero(budgets >= T) if t.keep_ratio < 1 else np.zeros(0, int)
     text = (f"Each layer's budget follows how much attention its text pays to the image: **layer {hi}** carries "
-            f"**{share[hi]:.0%}** of it and keeps **{budgets[hi]}** of {T} tokens, layer {lo} carries {share[lo]:.0%} and "
+            f"**{share[hi]:.0%}** of it and keeps **{budgets[hi]}** of {T} tokens, layer {lo} carries {share[lo]:.0%} "
+            "and "
             f"keeps {budgets[lo]}. A uniform split would keep {uniform:.0f} in every layer.")
     failure = None
     if len(capped):
@@ -443,10 +446,13 @@ def step_answer(li: LessonInput) -> LessonStep:
                 ax.set_ylabel("KL (nats)")
             else:
                 same = [d is None or i < d for i in range(len(fa))]  # no KL measured: which tokens still match
-                ax.bar(np.arange(len(fa)), np.ones(len(fa)), color=[palette.TEXT if v else palette.HIGHLIGHT for v in same])
+                ax.bar(np.arange(len(fa)), np.ones(len(fa)),
+                       color=[palette.TEXT if v else palette.HIGHLIGHT for v in same])
                 ax.set(yticks=[], ylabel="token")
-            ax.set_title(f"{r.protocol}: " + ("identical answer" if d is None else f"diverges at token {d}"), fontsize=16)
-        axes[-1].set_xticks(np.arange(len(fa)), fa, rotation=45 if len(fa) > 8 else 0, ha="right" if len(fa) > 8 else "center")
+            verdict = "identical answer" if d is None else f"diverges at token {d}"
+            ax.set_title(f"{r.protocol}: {verdict}", fontsize=16)
+        tilt = len(fa) > 8
+        axes[-1].set_xticks(np.arange(len(fa)), fa, rotation=45 if tilt else 0, ha="right" if tilt else "center")
         axes[-1].set_xlabel("full-KV answer token")
         fig.legend(handles=[Patch(color=palette.TEXT, label="before the first divergence"),
                             Patch(color=palette.HIGHLIGHT, label="from the first divergence")],
@@ -616,7 +622,8 @@ function lessonInit(root) {
     const d = lessonVisibleDeck();
     if (!d || !d.querySelector('.lesson-step')) return;
     const i = Number(d.dataset.step || 0), n = d.querySelectorAll('.lesson-step').length;
-    const moves = {ArrowRight: i + 1, PageDown: i + 1, ' ': i + 1, ArrowLeft: i - 1, PageUp: i - 1, Home: 0, End: n - 1};
+    const moves = {ArrowRight: i + 1, PageDown: i + 1, ' ': i + 1, ArrowLeft: i - 1, PageUp: i - 1,
+                   Home: 0, End: n - 1};
     if (e.key in moves) { lessonShow(d, moves[e.key]); e.preventDefault(); }
     else if (e.key === 'Escape') d.classList.remove('present');
     else if (e.key === 'p' || e.key === 'P') d.classList.toggle('present');
@@ -647,7 +654,7 @@ def deck_html(lesson: Lesson, interactive: bool = False) -> str:
         extra = ""
         if interactive and s.plotly_json:
             fig_obj = pio.from_json(s.plotly_json)
-            fig_obj.update_layout(height=420, autosize=True)
+            fig_obj.update_layout(height=420, autosize=True, legend=dict(orientation="h", x=0, y=1.18))
             extra = ('<details class="lesson-plotly"><summary>interactive figure</summary>'
                      + fig_obj.to_html(full_html=False, include_plotlyjs=False, div_id=f"lesson-plot-{s.key}",
                                        config={"responsive": True, "displaylogo": False})

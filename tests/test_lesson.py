@@ -157,7 +157,8 @@ def _rows(eid, idx, scores, keep=0.1, followup=None):
         for m, s in table.items():
             for v in (s if isinstance(s, list) else [s]):
                 out.append({"example_id": eid, "example_index": idx, "method": m, "keep": 1.0 if m == "full" else keep,
-                            "protocol": "official", "turn": turn, "question": f"q{idx}" if turn == "first" else f"f{idx}",
+                            "protocol": "official", "turn": turn,
+                            "question": f"q{idx}" if turn == "first" else f"f{idx}",
                             "prediction": f"{m}-{turn}", "score": v})
     return out
 
@@ -167,7 +168,7 @@ def test_pick_rule_on_synthetic_rows():
             + _rows("e1", 1, {"full": 1, "tgv-kv": 0, "random": 0})  # (b)
             + _rows("e2", 2, {"full": 1, "tgv-kv": 1, "random": [0, 1]})  # random seeds disagree: not (a)
             + _rows("e3", 3, {"full": 1, "tgv-kv": 1, "random": [0, 0]})  # (a)
-            + _rows("e4", 4, {"full": 1, "tgv-kv": 1, "random": 1}, followup={"full": 1, "tgv-kv": 0})  # (c)?, region kept
+            + _rows("e4", 4, {"full": 1, "tgv-kv": 1, "random": 1}, followup={"full": 1, "tgv-kv": 0})  # region kept
             + _rows("e5", 5, {"full": 1, "tgv-kv": 1, "random": 1}, followup={"full": 1, "tgv-kv": 0})  # same cells
             + _rows("e8", 8, {"full": 1, "tgv-kv": 1, "random": 1}, followup={"full": 1, "tgv-kv": 0})  # (c)
             + _rows("e6", 6, {"full": 1, "tgv-kv": 1, "random": 0}, keep=0.05)  # (a) but at a budget tried later

@@ -56,7 +56,8 @@ def test_lesson_present_step_export_offline(browser, tmp_path):
         wait_idle(page)
         assert page.locator("#lesson-followup textarea, #lesson-followup input").first.input_value() == ex.followup
         # every step's text is the one computed from the traces of the same input
-        shown = page.eval_on_selector_all(".lesson-deck .lesson-step .lesson-text > p", "ps => ps.map(p => p.textContent)")
+        shown = page.eval_on_selector_all(".lesson-deck .lesson-step .lesson-text > p",
+                                          "ps => ps.map(p => p.textContent)")
         assert shown == [s.text.replace("**", "") for s in expected.steps]
         failed = page.eval_on_selector_all(".lesson-deck .lesson-step", "ss => ss.map(s => s.dataset.failed)")
         assert failed == ["true" if s.failure else "false" for s in expected.steps]

@@ -46,7 +46,7 @@ class RegionKept:
 
     first: float
     followup: float
-    shared_cells: int = 0  # evidence cells the two questions have in common (0: the follow-up asks about another region)
+    shared_cells: int = 0  # evidence cells both questions need (0: the follow-up asks about another region)
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class LessonExample:
         return self.folder / self.image
 
 
-# -- the rule (pure) ----------------------------------------------------------------------------------------------------
+# -- the rule (pure) -----------------------------------------------------------------------------------------------
 def _index(rows: Iterable[dict[str, Any]], protocol: str) -> dict[tuple, list[dict[str, Any]]]:
     out: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
@@ -158,8 +158,9 @@ def pick_examples(rows: Sequence[dict[str, Any]], method: str = "tgv-kv", baseli
                 eid = row["example_id"]
                 if eid in used or checks >= max_region_checks:
                     continue
-                if not (_right(get(eid, "full", keep)) and _right(get(eid, "full", keep, "followup"))
-                        and _right(get(eid, method, keep)) is True and _right(get(eid, method, keep, "followup")) is False):
+                full_ok = _right(get(eid, "full", keep)) and _right(get(eid, "full", keep, "followup"))
+                if not (full_ok and _right(get(eid, method, keep)) is True
+                        and _right(get(eid, method, keep, "followup")) is False):
                     continue
                 checks += 1
                 rk = region_kept(row, keep)
