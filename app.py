@@ -1,7 +1,8 @@
 """TGV-KV Explorer, the Gradio app: `python app.py` (bundled demo model), `python app.py --help` for options.
 
 Layout only; the handlers are plain functions in tgvkv/webapp/handlers.py and every event is a named API endpoint
-(`/compare`, `/diagnostics`, `/overlay`, `/attention`, `/compare_methods`, `/export`) callable with gradio_client.
+(`/compare`, `/diagnostics`, `/overlay`, `/attention`, `/compare_methods`, `/export`, `/lesson`, `/export_lesson`)
+callable with gradio_client.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from tgvkv.webapp.handlers import (  # noqa: E402
     make_ui_handlers,
     method_choices,
 )
+from tgvkv.webapp.lesson import build_lesson_tab  # noqa: E402
 
 MAX_UPLOAD = f"{MAX_FILE_BYTES // 2**20}mb"  # the CLI refuses larger image files with the same limit
 STATE_TTL_S = 3600
@@ -152,6 +154,8 @@ def build_ui(policy: models.ModelPolicy = models.ModelPolicy(), concurrency: int
                     ex_tpr = gr.Markdown(label="explain TPR")
                     ex_tpr_img = gr.Image(type="pil", format="png", show_label=False, height=420, interactive=False,
                                           label="TPR overlay")
+            with gr.Tab("Lesson", id="lesson"):
+                build_lesson_tab(policy, heavy, image, question, model, keep, max_new)
             with gr.Tab("Compare methods", id="compare"):
                 gr.Markdown("Two methods on the image, question, model and keep ratio above.")
                 with gr.Row():
