@@ -112,7 +112,7 @@ CLI_ROWS = [
     ("max-new-tokens-5000", {"--max-new-tokens": "5000"}, "max_new_tokens must be an integer in [1, 1024], got 5000"),
     ("method-unknown", {"--method": "best"},
      "unknown method 'best'; choose one of: full, h2o, prefixkv, pyramidkv, random, snapkv, streamingllm, "
-     "tgv-ablation, tgv-evict-text-first, tgv-evict-vision-first, tgv-kv, tgv-self-attn, tgv-tv-tt, tgv-tvb-tv-tt, "
+     "text-only, tgv-ablation, tgv-evict-text-first, tgv-evict-vision-first, tgv-kv, tgv-self-attn, tgv-tv-tt, tgv-tvb-tv-tt, "
      "tgv-uniform-window, tgv-vv-tt"),
     ("model-unknown-hub-id", {"--model": "nobody/no-such-model"},
      "could not load model id 'nobody/no-such-model': We couldn't connect to 'https://huggingface.co' to load the "
@@ -219,7 +219,7 @@ def test_trace_that_fails_to_load(tmp_path, row_id, name, content, message):
 
 
 # -- the app: handlers (direct calls) and the HTTP API (gradio_client on 127.0.0.1) -----------------------------------
-METHODS_LIST = ("full, h2o, prefixkv, pyramidkv, random, snapkv, streamingllm, tgv-ablation, tgv-evict-text-first, "
+METHODS_LIST = ("full, h2o, prefixkv, pyramidkv, random, snapkv, streamingllm, text-only, tgv-ablation, tgv-evict-text-first, "
                 "tgv-evict-vision-first, tgv-kv, tgv-self-attn, tgv-tv-tt, tgv-tvb-tv-tt, tgv-uniform-window, tgv-vv-tt")
 LOCAL_DISABLED = ("local model folders are disabled on this server ({!r}); the operator can enable them with "
                   "`python app.py --allow-local-models`. Choose the bundled demo model or a hub id such as "
@@ -292,7 +292,7 @@ APP_ROWS = [
      "max new tokens must be a whole number, got 'many'"),
     ("method-unknown", {3: "best"}, f"unknown method 'best'; choose one of: {METHODS_LIST}",
      "Value: best is not in the list of choices: ['tgv-kv', 'full', 'h2o', 'prefixkv', 'pyramidkv', 'random', "
-     "'snapkv', 'streamingllm', 'tgv-ablation', 'tgv-evict-text-first', 'tgv-evict-vision-first', 'tgv-self-attn', "
+     "'snapkv', 'streamingllm', 'text-only', 'tgv-ablation', 'tgv-evict-text-first', 'tgv-evict-vision-first', 'tgv-self-attn', "
      "'tgv-tv-tt', 'tgv-tvb-tv-tt', 'tgv-uniform-window', 'tgv-vv-tt']"),
     ("method-missing", {3: None}, f"unknown method None; choose one of: {METHODS_LIST}", None),
     ("model-unreachable-hub-id", {2: "nobody/no-such-model"},
