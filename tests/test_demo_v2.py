@@ -180,3 +180,18 @@ def test_text_only_probe_keeps_every_text_token_and_no_image_token():
     expected = [0, 1, 2, 15, 16, 17, 18, 19]
     assert [k.tolist() for k in sel.kept] == [expected] * 3
     assert sel.budgets.tolist() == [8, 8, 8]
+
+
+def test_training_gives_the_process_back_as_it_found_it(tmp_path):
+    """Denormal flushing and the thread count are training settings, not the caller's (hypothesis needs IEEE)."""
+    import torch
+
+    from tgvkv.demo.build import ModelSpec
+    from tgvkv.demo.train import TrainConfig, train
+
+    threads = torch.get_num_threads()
+    train(TrainConfig(out=str(tmp_path / "t"), steps=1, images_per_step=1, pieces_per_image=1, val_every=1,
+                      save_every=1, val_n=7, threads=max(1, threads - 1) if threads > 1 else 2), ModelSpec(**TINY))
+    assert torch.get_num_threads() == threads
+    tiny = torch.tensor([1e-40], dtype=torch.float32)  # a float32 subnormal survives only without flushing
+    assert float(tiny * 1.0) != 0.0

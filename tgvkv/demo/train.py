@@ -385,7 +385,29 @@ def save(model, processor, out: str, cfg: TrainConfig, spec: ModelSpec, state: d
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _FlushDenormals:
+    """Tiny gradients and Adam moments become float32 denormals, ~100x slower on x86 CPUs: flush them while
+    training, and give the process back its IEEE behaviour afterwards (other code, e.g. hypothesis, needs it)."""
+
+    def __enter__(self):
+        import torch
+
+        self.threads = torch.get_num_threads()  # the run sets its own thread count; restored on exit
+        torch.set_flush_denormal(True)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(self.threads)
+
+
 def step_seconds(cfg: TrainConfig, spec: ModelSpec, steps: int = 6, warmup: int = 2) -> list[float]:
+    with _FlushDenormals():
+        return _step_seconds(cfg, spec, steps, warmup)
+
+
+def _step_seconds(cfg: TrainConfig, spec: ModelSpec, steps: int, warmup: int) -> list[float]:
     """Wall-clock seconds of ``steps`` training steps (after ``warmup`` untimed ones), nothing saved.
 
     Used by ``python -m tgvkv.bench train`` to compare precisions and model sizes in one run.
@@ -394,7 +416,6 @@ def step_seconds(cfg: TrainConfig, spec: ModelSpec, steps: int = 6, warmup: int 
     import torch.nn.functional as F
 
     torch.set_num_threads(cfg.threads)
-    torch.set_flush_denormal(True)
     processor = build_processor()
     model = build_model(processor.tokenizer, spec, seed=cfg.seed).train()
     model.config.text_config.use_cache = False
@@ -430,12 +451,15 @@ def _save_resume(out: str, opt, step: int, seed_cursor: int, best: float, elapse
 
 
 def train(cfg: TrainConfig, spec: ModelSpec = ModelSpec()) -> dict:
+    with _FlushDenormals():
+        return _train(cfg, spec)
+
+
+def _train(cfg: TrainConfig, spec: ModelSpec) -> dict:
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(cfg.threads)
-    # tiny gradients and Adam second moments become float32 denormals, which are ~100x slower on x86 CPUs
-    torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     processor = build_processor()

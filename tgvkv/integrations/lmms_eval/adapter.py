@@ -329,8 +329,8 @@ class EngineRunner:
         self.model, self.processor, self.config = model, processor, config
         self.model_name = model_name or config.pretrained
         self.traces = traces
-        base = policy_options(config.method, config.seed) if config.policy is not None else {}
-        self.policy_options = {**base, **config.policy_options}
+        base = policy_options(config.method, config.seed, "") if config.policy is not None else {}
+        self.policy_options = {**base, **config.policy_options}  # checked here; each request gets its own seed
         if config.policy is None and config.policy_options:
             raise ValueError("model_args: policy_options are given but method is 'full' (nothing is evicted)")
         if config.policy is not None:  # unknown or bad options: say so now, not at the first request
@@ -355,6 +355,16 @@ class EngineRunner:
         self._warned.update(new)
         return new
 
+    def options_for(self, ref: RequestRef) -> dict[str, Any]:
+        """The policy's options for one document: a seeded method (``random``) draws per document, as
+        ``python -m tgvkv.eval`` draws per example; explicit ``policy_options`` win."""
+        from ...eval.runner import policy_options
+
+        if self.config.policy is None:
+            return {}
+        return {**policy_options(self.config.method, self.config.seed, f"{ref.task}:{ref.doc_id}"),
+                **self.config.policy_options}
+
     def answer(self, context: str, visuals: Any, gen_kwargs: Mapping[str, Any] | None, ref: RequestRef) -> Answer:
         from ...generation import RunOptions, generate
 
@@ -366,7 +376,7 @@ class EngineRunner:
                               do_sample=decoding.do_sample, temperature=decoding.temperature, top_p=decoding.top_p,
                               seed=self.config.seed)
             res = generate(self.model, self.processor, images, question, self.config.policy, self.config.keep_ratio,
-                           options=opts, capture=self._capture(), policy_options=self.policy_options,
+                           options=opts, capture=self._capture(), policy_options=self.options_for(ref),
                            model_name=self.model_name, videos=videos)
         except ValueError as e:
             raise ValueError(f"{ref}: {e}") from e
@@ -397,7 +407,7 @@ class EngineRunner:
             images, videos = split_visuals(visuals, self.config.max_frames)
             opts = RunOptions(max_new_tokens=len(ids), protocol=self.config.protocol, seed=self.config.seed)
             res = generate(self.model, self.processor, images, question, self.config.policy, self.config.keep_ratio,
-                           options=opts, capture=self._capture(), policy_options=self.policy_options,
+                           options=opts, capture=self._capture(), policy_options=self.options_for(ref),
                            teacher_tokens=ids, model_name=self.model_name, videos=videos)
         except ValueError as e:
             raise ValueError(f"{ref}: {e}") from e
