@@ -106,11 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--html", action="store_true", help="also write interactive plotly .html files")
     p.add_argument("--projection", default="pca", choices=["pca", "tsne", "none"])
     p.add_argument("--top-k", type=int, default=5, help="highlighted text->image patches")
-    args = p.parse_args(argv)
-    unknown = [f for f in args.formats.split(",") if f.strip() and f.strip() not in FORMATS]
-    if unknown:
-        p.error(f"unknown figure format(s) {', '.join(map(repr, unknown))}; choose among {','.join(FORMATS)}")
-    return args
+    return p.parse_args(argv)  # values are checked by check_inputs, before anything is rendered
 
 
 @dataclass

@@ -613,7 +613,7 @@ def test_cli_defaults_to_png_and_svg_and_draws_the_stored_image(tmp_path):
     assert np.abs(centre - want).max() <= 3  # the stored image's pixels under a kept patch
 
 
-def test_cli_without_any_image_says_so(tmp_path, caplog):
+def test_cli_without_any_image_says_so(tmp_path, caplog, capsys):
     from analysis.figures import main
 
     t = synthetic_trace(layout_square(), 3, 0.5)
@@ -625,8 +625,8 @@ def test_cli_without_any_image_says_so(tmp_path, caplog):
         px = np.asarray(im.convert("RGB"))
     band = px[-6:, px.shape[1] // 2 - 60 : px.shape[1] // 2 + 60]  # the "no image stored" banner at the bottom
     assert (band == 0).all(axis=2).any() and (band == 255).all(axis=2).any()
-    with pytest.raises(SystemExit):
-        main(["--trace", str(tmp_path / "a.npz"), "--out", str(out), "--formats", "png,jpgx"])
+    assert main(["--trace", str(tmp_path / "a.npz"), "--out", str(out), "--formats", "png,jpgx"]) == 2  # refused
+    assert "--formats: unknown format 'jpgx'" in capsys.readouterr().err
 
 
 def test_reference_lines_are_drawn_in_their_named_colour(traces):

@@ -7,7 +7,7 @@ Rules, read from the markdown (nothing is copied from it):
   order in the same copy, so a command may read what an earlier one wrote (out.npz);
 - the set-up block's commands (install + serve, and CI itself) are not run here: the browser and load tests serve the
   app, CI runs `bash .ci/run`; this test only checks they are the two documented commands;
-- a command whose comment says `(needs: ...)` (network, GPU, several GPUs) is skipped; at most two may say so;
+- a command whose comment says `(needs: ...)` (network, GPU, several GPUs) is skipped; at most four may say so;
 - evaluations (`python -m tgvkv.eval` with `--limit`) run with `--limit 1` and their first budget only.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ SETUP_HEADING = "Set-up"
 SETUP_COMMANDS = ["pip install -r requirements.txt && python app.py", "bash .ci/run"]
 NEEDS = re.compile(r"\(needs: ([^)]+)\)")
 ALLOWED_NEEDS = {"network", "GPU", "several GPUs"}
-MAX_SKIPPED = 2
+MAX_SKIPPED = 4  # a hub model on a real benchmark, multi-GPU, and the lmms-eval extra's install + run
 
 pytestmark = pytest.mark.slow
 
@@ -194,7 +194,7 @@ def test_readme_command_lines_run(clone):
         return hits[0]
 
     run_out = find("-m", "tgvkv", "run")[1].stdout
-    assert "full KV   :" in run_out and "evicted KV:" in run_out and "trace written to out.npz" in run_out
+    assert "full KV   :" in run_out and "evicted KV:" in run_out and "written: out.npz" in run_out
     assert (clone / "out.npz").is_file()
     listed = [line.split()[0] for line in find("-m", "tgvkv", "methods")[1].stdout.splitlines() if line.strip()]
     import tgvkv
