@@ -51,6 +51,8 @@ def wait_for_keep(page, keep_percent: int) -> None:
 
 
 def tick_texts(page, selector: str) -> list[str]:
+    """The tick labels once plotly has drawn them (the figure arrives after the answers)."""
+    page.wait_for_function("s => document.querySelectorAll(s).length > 0", arg=selector, timeout=60_000)
     return page.eval_on_selector_all(selector, "els => els.map(e => e.textContent)")
 
 
