@@ -1,6 +1,6 @@
 """TGV-KV Explorer, the Gradio app: `python app.py` (bundled demo model), `python app.py --help` for options.
 
-Layout only; the handlers are plain functions in tgvkv/webapp/handlers.py and every event is a named API endpoint
+Layout only; the handlers are plain functions in analysis/webapp/handlers.py and every event is a named API endpoint
 (`/compare`, `/diagnostics`, `/overlay`, `/attention`, `/compare_methods`, `/export`, `/lesson`, `/export_lesson`)
 callable with gradio_client.
 """
@@ -19,12 +19,12 @@ except ImportError:
 
 import gradio as gr  # noqa: E402
 
-from tgvkv.webapp import models  # noqa: E402
+from analysis.webapp import models  # noqa: E402
 from tgvkv.images import MAX_FILE_BYTES  # noqa: E402
 from tgvkv.loading import resolve_device  # noqa: E402
-from tgvkv.webapp.components import CheckedSlider, ImageInput  # noqa: E402
-from tgvkv.webapp.examples import EXAMPLES_DIR, PHOTO_PANEL_LABEL, SCENE_PANEL_LABEL, load_examples  # noqa: E402
-from tgvkv.webapp.handlers import (  # noqa: E402
+from analysis.webapp.components import CheckedSlider, ImageInput  # noqa: E402
+from analysis.webapp.examples import EXAMPLES_DIR, PHOTO_PANEL_LABEL, SCENE_PANEL_LABEL, load_examples  # noqa: E402
+from analysis.webapp.handlers import (  # noqa: E402
     DEFAULT_KEEP_PERCENT,
     DEFAULT_MAX_NEW_TOKENS,
     KEEP_PERCENT_RANGE,
@@ -33,7 +33,7 @@ from tgvkv.webapp.handlers import (  # noqa: E402
     make_ui_handlers,
     method_choices,
 )
-from tgvkv.webapp.lesson import build_lesson_tab  # noqa: E402
+from analysis.webapp.lesson import build_lesson_tab  # noqa: E402
 
 MAX_UPLOAD = f"{MAX_FILE_BYTES // 2**20}mb"  # the CLI refuses larger image files with the same limit
 STATE_TTL_S = 3600

@@ -18,7 +18,7 @@ _BEFORE = pytest.StashKey[dict]()
 def pytest_addoption(parser):
     parser.addoption("--artifacts-dir", default=None, type=Path,
                      help="write the app screenshots and the load-test report here (default: a temporary folder; "
-                          "`python -m tgvkv.webapp.refresh_figures` passes results/ to refresh the committed ones)")
+                          "`python -m analysis.webapp.refresh_figures` passes results/ to refresh the committed ones)")
 
 
 def pytest_configure(config):

@@ -14,9 +14,9 @@ from PIL import Image
 
 from tgvkv import Trace
 from tgvkv.loading import DEMO_MODEL_DIR
-from tgvkv.webapp import handlers as H
-from tgvkv.webapp import models as M
-from tgvkv.webapp.examples import load_examples
+from analysis.webapp import handlers as H
+from analysis.webapp import models as M
+from analysis.webapp.examples import load_examples
 
 ENDPOINTS = {"/compare", "/diagnostics", "/overlay", "/attention", "/compare_methods", "/export"}
 

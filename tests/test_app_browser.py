@@ -1,6 +1,6 @@
 """End-to-end in headless Debian Chromium (Playwright for Python, no browser download): example click -> both answers
 and the overlay; a new budget updates the evicted side; the trace downloads and loads. Saves screenshots into the
-artifacts_dir fixture (a temporary folder; `python -m tgvkv.webapp.refresh_figures` refreshes the committed ones).
+artifacts_dir fixture (a temporary folder; `python -m analysis.webapp.refresh_figures` refreshes the committed ones).
 
 Uses the bundled demo model; a missing assets/demo-vlm is a failure, not a skip.
 """
@@ -13,9 +13,9 @@ from PIL import Image
 
 from test_app_api import running_app
 from tgvkv import Trace
-from tgvkv.webapp import handlers as H
-from tgvkv.webapp import models as M
-from tgvkv.webapp.examples import load_examples
+from analysis.webapp import handlers as H
+from analysis.webapp import models as M
+from analysis.webapp.examples import load_examples
 
 pytestmark = pytest.mark.browser
 
@@ -127,7 +127,7 @@ def test_unknown_word_message_is_shown(page, artifacts_dir):
 
     from tgvkv.loading import DEMO_MODEL_DIR
     from tgvkv.vocabulary import check_known_words
-    from tgvkv.webapp.examples import EXAMPLES_DIR, README_SCENE
+    from analysis.webapp.examples import EXAMPLES_DIR, README_SCENE
 
     question = "what colour is the circle ?"
     with pytest.raises(ValueError) as expected:

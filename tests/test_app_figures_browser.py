@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from test_app_api import running_app
-from tgvkv.webapp import handlers as H
-from tgvkv.webapp import models as M
-from tgvkv.webapp.examples import load_examples
+from analysis.webapp import handlers as H
+from analysis.webapp import models as M
+from analysis.webapp.examples import load_examples
 
 pytestmark = pytest.mark.browser
 

@@ -19,10 +19,10 @@ from PIL import Image
 import gradio as gr
 from tgvkv import POLICIES, RunOptions, Trace, compare
 from tgvkv.loading import DEMO_MODEL_DIR
-from tgvkv.webapp import handlers as H
-from tgvkv.webapp import models as M
-from tgvkv.webapp.examples import load_examples
-from tgvkv.webapp.export import export_run
+from analysis.webapp import handlers as H
+from analysis.webapp import models as M
+from analysis.webapp.examples import load_examples
+from analysis.webapp.export import export_run
 
 POLICY = M.ModelPolicy()
 
@@ -386,7 +386,7 @@ def test_kl_labels_of_the_real_run_name_the_end_token(run):
 
 
 def test_export_kl_figure_thins_labels(run):
-    from tgvkv.webapp.export import kl_figure_mpl
+    from analysis.webapp.export import kl_figure_mpl
 
     long, eos = _long_answer(run)
     ax = kl_figure_mpl(long, max_labels=24).axes[0]

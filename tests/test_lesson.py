@@ -10,7 +10,7 @@ import pytest
 
 import analysis.lesson as AL
 from analysis.synthetic import synthetic_trace
-from tgvkv.webapp.lesson_examples import RegionKept, load_lesson_examples, pick_examples, write_examples
+from analysis.webapp.lesson_examples import RegionKept, load_lesson_examples, pick_examples, write_examples
 
 
 def _with_answer(t, ids, tokens, text, followup=None):

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from test_app_api import client, url  # noqa: F401  (module-scoped fixtures: the real app, one client session)
-from tgvkv.webapp import lesson as LW
-from tgvkv.webapp import models as M
-from tgvkv.webapp.lesson_examples import load_lesson_examples
+from analysis.webapp import lesson as LW
+from analysis.webapp import models as M
+from analysis.webapp.lesson_examples import load_lesson_examples
 
 
 def test_lesson_and_export_lesson_endpoints(client):  # noqa: F811

@@ -15,9 +15,9 @@ from PIL import Image
 
 from test_app_api import running_app
 from test_app_browser import ARGS, CHROMIUM, TIMEOUT_MS, wait_idle
-from tgvkv.webapp import lesson as LW
-from tgvkv.webapp import models as M
-from tgvkv.webapp.lesson_examples import load_lesson_examples
+from analysis.webapp import lesson as LW
+from analysis.webapp import models as M
+from analysis.webapp.lesson_examples import load_lesson_examples
 
 pytestmark = pytest.mark.browser
 
@@ -40,7 +40,7 @@ def active_key(page) -> str:
 
 def test_lesson_present_step_export_offline(browser, tmp_path):
     examples = load_lesson_examples()
-    assert examples, "no lesson examples: run python -m tgvkv.webapp.lesson_examples"
+    assert examples, "no lesson examples: run python -m analysis.webapp.lesson_examples"
     ex = examples[0]
     expected = LW.build(Image.open(ex.path), ex.question, ex.followup, M.DEMO, ex.keep_percent, 32)
     keys = [s.key for s in expected.steps]

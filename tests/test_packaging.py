@@ -15,7 +15,7 @@ import pytest
 
 import repo_guard
 import tgvkv
-from tgvkv.webapp import refresh_figures
+from analysis.webapp import refresh_figures
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -87,7 +87,7 @@ def test_installed_package_works_from_any_directory(tmp_path):
     script = (
         "import tgvkv, analysis\n"
         "from tgvkv.loading import DEMO_MODEL_DIR\n"
-        "from tgvkv.webapp.examples import EXAMPLES_DIR, load_examples\n"
+        "from analysis.webapp.examples import EXAMPLES_DIR, load_examples\n"
         "model, processor = tgvkv.load_demo_model()\n"
         "print(tgvkv.__file__)\nprint(DEMO_MODEL_DIR)\nprint(EXAMPLES_DIR)\n"
         "print(len(load_examples()), model.config.text_config.num_hidden_layers)\n"

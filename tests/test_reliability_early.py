@@ -218,8 +218,8 @@ def test_broken_model_folder_cli(tiny, tmp_path, no_weights_read, how):
 def test_broken_model_folder_app(tiny, tmp_path, how):
     import gradio as gr
 
-    from tgvkv.webapp import handlers as H
-    from tgvkv.webapp import models as M
+    from analysis.webapp import handlers as H
+    from analysis.webapp import models as M
 
     folder = tmp_path / "broken"
     shutil.copytree(tiny / "model", folder)
@@ -283,8 +283,8 @@ def test_cli_unexpected_error_gets_an_id(tiny, tmp_path, monkeypatch):
 def test_app_unexpected_error_gets_an_id(monkeypatch, caplog, tiny):
     import gradio as gr
 
-    from tgvkv.webapp import handlers as H
-    from tgvkv.webapp import models as M
+    from analysis.webapp import handlers as H
+    from analysis.webapp import models as M
 
     def broken(*a, **kw):
         raise KeyError("internal detail")

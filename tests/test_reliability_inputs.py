@@ -333,12 +333,12 @@ def app_env(tmp_path_factory):
     import shutil
 
     from tgvkv.loading import DEMO_MODEL_DIR
-    from tgvkv.webapp import models as M
+    from analysis.webapp import models as M
 
     root = tmp_path_factory.mktemp("reliability_app")
     if (DEMO_MODEL_DIR / "model.safetensors").is_file():
         shutil.copytree(DEMO_MODEL_DIR, root / "model")  # training may rewrite assets/demo-vlm meanwhile
-        from tgvkv.webapp.examples import load_examples
+        from analysis.webapp.examples import load_examples
 
         ex = load_examples("scene")[0]
         image, question = ex.path, ex.question
@@ -378,7 +378,7 @@ def _args(env, overrides: dict, api: bool = False) -> list:
 
 @pytest.fixture(scope="module")
 def handlers(app_env):
-    from tgvkv.webapp import handlers as H
+    from analysis.webapp import handlers as H
 
     return H.make_ui_handlers(app_env["policy"])
 
@@ -403,7 +403,7 @@ def test_handler_bad_input(app_env, handlers, row_id, overrides, message, api_me
 def test_handler_local_model_rows(app_env, row_id, folder, message):
     import gradio as gr
 
-    from tgvkv.webapp import handlers as H
+    from analysis.webapp import handlers as H
 
     h = H.make_ui_handlers(app_env["local"])
     path = str(app_env["root"] / folder)
@@ -521,7 +521,7 @@ def test_remote_code_is_off_unless_the_operator_opts_in(monkeypatch, cli_setup):
     from tgvkv.cli import _parser as cli_parser
     from tgvkv.eval.runner import EvalConfig
     from tgvkv.loading import LoadOptions, load_model
-    from tgvkv.webapp.models import ModelPolicy
+    from analysis.webapp.models import ModelPolicy
 
     assert app._parser().parse_args([]).trust_remote_code is False
     assert app._parser().parse_args(["--trust-remote-code"]).trust_remote_code is True

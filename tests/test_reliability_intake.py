@@ -62,7 +62,7 @@ def odd_files(folder: Path, scene: Image.Image) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from tgvkv.webapp.examples import load_examples
+    from analysis.webapp.examples import load_examples
 
     assert (DEMO_MODEL_DIR / "model.safetensors").is_file(), f"the bundled demo model is missing at {DEMO_MODEL_DIR}"
     root = tmp_path_factory.mktemp("intake")
@@ -81,7 +81,7 @@ def api(env):
     import app
     from gradio_client import Client
 
-    from tgvkv.webapp import models as M
+    from analysis.webapp import models as M
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -182,8 +182,8 @@ def test_views_on_every_layer_without_diagnostics(env, api):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
-    from tgvkv.webapp import handlers as H
-    from tgvkv.webapp import models as M
+    from analysis.webapp import handlers as H
+    from analysis.webapp import models as M
 
     policy = M.ModelPolicy(default_model=env["model"])
     image = env["files"]["image.webp"]
@@ -231,7 +231,7 @@ def test_image_input_passes_the_file_on_untouched(env, tmp_path):
     import gradio as gr
     from gradio.data_classes import ImageData
 
-    from tgvkv.webapp.components import ImageInput
+    from analysis.webapp.components import ImageInput
 
     component = ImageInput(type="filepath")
     path = env["files"]["rgba_half_transparent.png"]
@@ -257,7 +257,7 @@ def test_checked_slider_gives_the_page_the_same_props_as_a_slider():
     """The browser builds the slider from get_config(): range and value must arrive (not the front-end's defaults)."""
     import gradio as gr
 
-    from tgvkv.webapp.components import CheckedSlider
+    from analysis.webapp.components import CheckedSlider
 
     with gr.Blocks():
         checked = CheckedSlider(5, 100, value=10, step=1, label="keep", api_description="percent")

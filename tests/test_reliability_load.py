@@ -5,7 +5,7 @@ method and keep ratio. Each answer must equal the engine's answer for that same 
 (token ids of the full and the evicted run), each session's follow-up /overlay call must describe its own last
 run, no request may fail, and the server's resident memory (psutil, process + children, sampled every 0.2 s) must
 stay bounded. The figures go to load_test.json in the artifacts_dir fixture (a temporary folder; the committed
-results/load_test.json that docs/reliability.md quotes is refreshed by `python -m tgvkv.webapp.refresh_figures`).
+results/load_test.json that docs/reliability.md quotes is refreshed by `python -m analysis.webapp.refresh_figures`).
 
 Runs in the normal suite (about a minute on 2 shared CPU cores with the demo model).
 """

@@ -16,9 +16,9 @@ from tgvkv.demo import scenes
 from tgvkv.demo.build import build_processor
 from tgvkv.loading import DEMO_MODEL_DIR
 from tgvkv.vocabulary import KNOWN_WORDS_KEY, check_known_words, closed_vocabulary
-from tgvkv.webapp import handlers as H
-from tgvkv.webapp import models as M
-from tgvkv.webapp.examples import EXAMPLES_DIR, PHOTO_PANEL_LABEL, README_SCENE, load_examples
+from analysis.webapp import handlers as H
+from analysis.webapp import models as M
+from analysis.webapp.examples import EXAMPLES_DIR, PHOTO_PANEL_LABEL, README_SCENE, load_examples
 
 TINY_KNOWN = ["what", "is", "the", "colour", "of", "red", "circle", "square", "?"]
 TINY_LISTING = "circle, colour, is, of, red, square, the, what, '?'"

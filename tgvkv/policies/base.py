@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from ..layout import TokenLayout
 from ..stats import PrefillStats, StatRequest
+
+if TYPE_CHECKING:  # decode rules run on torch tensors; the policies themselves are numpy only
+    import torch
 
 
 def check_keep_ratio(keep_ratio: float) -> float:

@@ -22,15 +22,17 @@ evict the newest token) is rejected and a slot that is not older than the newest
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 
 from ..layout import TokenLayout
 from ..stats import PrefillStats, StatRequest
 from . import blocks
 from .base import DecodeRule, Policy, Selection
+
+if TYPE_CHECKING:
+    import torch
 
 
 def retention_forget_counts(scores: np.ndarray, target: float, protect: int, tolerance: int) -> np.ndarray:
@@ -72,6 +74,8 @@ class FixedSlotRule(DecodeRule):
         slot = int(self.slots[layer])
         if forget <= 0 or not 0 <= slot < cache_len - 1:
             return None
+        import torch  # decode runs on torch tensors; importing the policy does not need torch
+
         return torch.tensor(slot, dtype=torch.long, device=attn_row.device)
 
 

@@ -21,16 +21,18 @@ first vision token, and the protected suffix counts kept positions after the las
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 
 from ..layout import TokenLayout
 from ..stats import PrefillStats, StatRequest
 from . import blocks
 from .base import DecodeRule, Policy, Selection
 from .official_dtype import DTYPES, official_scores
+
+if TYPE_CHECKING:
+    import torch
 
 PRECISIONS = ("float64", "model", *DTYPES)
 
@@ -54,7 +56,7 @@ class OfficialDecodeRule(DecodeRule):
         end = cache_len - int(self.protected[layer])
         if forget <= 0 or end <= self.sinks:
             return None
-        return self.sinks + torch.argmin(attn_row[self.sinks : end])  # first minimum on ties
+        return self.sinks + attn_row[self.sinks : end].argmin()  # first minimum on ties
 
 
 @dataclass

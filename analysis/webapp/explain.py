@@ -13,7 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..trace import Trace
+from tgvkv.trace import Trace
 
 if TYPE_CHECKING:
     from .handlers import RunState

@@ -40,7 +40,7 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from .. import __version__
+    from tgvkv import __version__
 
     return {"tgvkv": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "gradio": gradio.__version__, "numpy": np.__version__,

@@ -19,7 +19,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from .. import CaptureOptions, RunOptions, compare, generate
+from tgvkv import CaptureOptions, RunOptions, compare, generate
 from . import models
 from .handlers import (CAPTURE, SEED, _gpu, check_image, check_keep_percent, check_max_new_tokens, check_question,
                        user_errors)

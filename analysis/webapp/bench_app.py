@@ -1,6 +1,6 @@
 """Latency of one full + evicted comparison with every diagnostic, after the model is loaded.
 
-    python -m tgvkv.webapp.bench_app [--repeats 3] [--no-api] [--no-browser]  ->  results/app_latency.json
+    python -m analysis.webapp.bench_app [--repeats 3] [--no-api] [--no-browser]  ->  results/app_latency.json
 
 Three views of the same work, each over the 7 example scenes (demo model, tgv-kv at 10%, 32 new tokens):
 - handlers: `run_comparison` + `diagnostics` called directly (model time + figure building);
@@ -23,7 +23,7 @@ from typing import Callable
 
 from PIL import Image
 
-from ..loading import REPO_ROOT
+from tgvkv.loading import REPO_ROOT
 from . import handlers as H
 from . import models as M
 from .examples import load_examples

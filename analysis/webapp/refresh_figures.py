@@ -1,6 +1,6 @@
 """Refresh the committed pictures the app's tests make, from a source checkout:
 
-    python -m tgvkv.webapp.refresh_figures   # -> results/app_screenshot.png, app_explain.png, app_unknown_word.png,
+    python -m analysis.webapp.refresh_figures   # -> results/app_screenshot.png, app_explain.png, app_unknown_word.png,
                                              #    load_test.json
 
 The test suite writes these into a temporary folder (it never touches the repository); this command runs the same
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..loading import REPO_ROOT
+from tgvkv.loading import REPO_ROOT
 
 #: the tests that make the committed pictures and figures, and what each one writes
 TESTS = {
@@ -29,7 +29,7 @@ def command(out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tgvkv.webapp.refresh_figures", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m analysis.webapp.refresh_figures", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "results", help="folder to write into (default: results/)")
     args = ap.parse_args(argv)

@@ -27,11 +27,11 @@ from PIL import Image
 
 import gradio as gr
 
-from .. import POLICIES, CaptureOptions, RunOptions, compare, generate
-from ..errors import report_unexpected
-from ..images import MAX_PIXELS, MAX_SIDE, load_image_file, normalise_image
-from ..trace import Trace
-from ..validation import validate_question
+from tgvkv import POLICIES, CaptureOptions, RunOptions, compare, generate
+from tgvkv.errors import report_unexpected
+from tgvkv.images import MAX_PIXELS, MAX_SIDE, load_image_file, normalise_image
+from tgvkv.trace import Trace
+from tgvkv.validation import validate_question
 from . import models
 
 log = logging.getLogger(__name__)

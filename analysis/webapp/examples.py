@@ -1,6 +1,6 @@
 """Example inputs shipped in assets/examples/: synthetic scenes for the demo model and a few freely licensed photos.
 
-The files are precomputed (``python -m tgvkv.webapp.examples`` rebuilds them), so the app needs neither the scene
+The files are precomputed (``python -m analysis.webapp.examples`` rebuilds them), so the app needs neither the scene
 generator nor the network at run time. ``examples.json`` lists each example's image, question and, for scenes,
 the reference answer.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..loading import ASSETS_DIR
+from tgvkv.loading import ASSETS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Example:
 def load_examples(kind: str | None = None) -> list[Example]:
     """Examples from assets/examples/examples.json (empty list, with a log line, if the index is missing)."""
     if not INDEX.is_file():
-        log.warning("no example index at %s (build it: python -m tgvkv.webapp.examples)", INDEX)
+        log.warning("no example index at %s (build it: python -m analysis.webapp.examples)", INDEX)
         return []
     rows = [Example(**r) for r in json.loads(INDEX.read_text())]
     return [r for r in rows if kind is None or r.kind == kind]
@@ -53,7 +53,7 @@ def build_scene_examples(n: int = 7, n_short: int = 0) -> list[Example]:
     """Render `n` test-split scenes (one per question type, in rotation) into assets/examples/scenes/; the first
     `n_short` of them are listed a second time in the short answer style (benchmark suffix; 0 while the shipped
     demo model is v1, which was not trained on it)."""
-    from ..demo import scenes
+    from tgvkv.demo import scenes
 
     out_dir = EXAMPLES_DIR / "scenes"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ README_QUESTION = "what color is the circle ?"
 
 def build_readme_scene() -> Path:
     """Render README.md's example scene into assets/examples/ (the model never saw it: test split)."""
-    from ..demo import scenes
+    from tgvkv.demo import scenes
 
     scene = next(s for s in scenes.scenes("test") if len(s.objects) == 3 and s.find(shape="circle"))
     path = EXAMPLES_DIR / README_SCENE

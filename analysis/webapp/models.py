@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..loading import DEMO_MODEL_DIR, LoadOptions, load_model, resolve_device
+from tgvkv.loading import DEMO_MODEL_DIR, LoadOptions, load_model, resolve_device
 
 log = logging.getLogger(__name__)
 

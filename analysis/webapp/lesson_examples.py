@@ -1,6 +1,6 @@
 """Lesson examples chosen by rule from the evaluator's rows, never by hand.
 
-    python -m tgvkv.webapp.lesson_examples --rows results/demo --model assets/demo-vlm
+    python -m analysis.webapp.lesson_examples --rows results/demo --model assets/demo-vlm
 
 reads ``results/demo/rows.jsonl(.gz)`` (``python -m tgvkv.eval``) and writes ``assets/examples/lesson/`` (the chosen
 ids with the reason for each, and the scene images). Re-run it whenever the demo model or the rows change.
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from ..loading import REPO_ROOT
+from tgvkv.loading import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def demo_region_checker(model: Any, processor: Any, split: str, n: int, max_new_tokens: int, method: str = "tgv-kv"
                         ) -> Callable[[dict[str, Any], float], RegionKept]:
     """Re-run `method` on a demo-task example and measure how much of each question's evidence its selection kept."""
-    from ..demo import scenes
-    from ..generation import CaptureOptions, RunOptions, generate
+    from tgvkv.demo import scenes
+    from tgvkv.generation import CaptureOptions, RunOptions, generate
 
     qas = scenes.dataset(split, n)
 
@@ -221,7 +221,7 @@ def demo_region_checker(model: Any, processor: Any, split: str, n: int, max_new_
 
 def write_examples(chosen: dict[str, Choice], split: str, n: int, out_dir: Path, source: dict[str, Any]) -> Path:
     """Scene images + the index JSON (chosen ids, reasons, where the rows came from)."""
-    from ..demo import scenes
+    from tgvkv.demo import scenes
 
     out_dir.mkdir(parents=True, exist_ok=True)
     qas = scenes.dataset(split, n)
@@ -248,7 +248,7 @@ def load_lesson_examples(folder: Path = LESSON_DIR) -> list[LessonExample]:
     """The chosen examples whose image is present (an empty list, with a log line, when none were generated)."""
     index = folder / INDEX_NAME
     if not index.is_file():
-        log.warning("no lesson examples at %s (python -m tgvkv.webapp.lesson_examples)", index)
+        log.warning("no lesson examples at %s (python -m analysis.webapp.lesson_examples)", index)
         return []
     out = []
     for e in json.loads(index.read_text())["examples"]:
@@ -262,7 +262,7 @@ def load_lesson_examples(folder: Path = LESSON_DIR) -> list[LessonExample]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tgvkv.webapp.lesson_examples", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m analysis.webapp.lesson_examples", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=Path, default=REPO_ROOT / "results" / "demo", help="evaluator folder or rows file")
     p.add_argument("--model", default="assets/demo-vlm", help="the model the rows were computed with")
     p.add_argument("--out", type=Path, default=LESSON_DIR)
@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"lesson examples need the demo task's rows (target cells); {args.rows} holds {task}")
     split = task.get("split", "test")
     n = 1 + max(int(r.get("example_index", 0)) for r in rows)
-    from ..loading import load_model
+    from tgvkv.loading import load_model
 
     model, processor = load_model(args.model)
     checker = demo_region_checker(model, processor, split, n, int(run.get("max_new_tokens", 48)), args.method)
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = {"rows": rows_file.as_posix(), "rows_sha256": hashlib.sha256(rows_file.read_bytes()).hexdigest(),
               "model": args.model, "model_fingerprint": run.get("model_fingerprint"), "split": split,
               "method": args.method, "baseline": args.baseline, "prefer_keep": args.prefer_keep,
-              "command": "python -m tgvkv.webapp.lesson_examples --rows " + args.rows.as_posix()
+              "command": "python -m analysis.webapp.lesson_examples --rows " + args.rows.as_posix()
                          + f" --model {args.model}"}
     index = write_examples(chosen, split, n, args.out, source)
     for kind in KINDS:

@@ -1,1 +1,0 @@
-"""The Gradio app's logic (layout lives in ../../app.py): plain handlers, a cached model loader, examples, exports."""
