@@ -22,11 +22,12 @@ import time
 from collections import defaultdict
 from typing import Callable
 
+from ..loading import DEMO_MODEL_DIR
 from . import scenes
 
 log = logging.getLogger("tgvkv.demo.evaluate")
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets", "demo-vlm")
+DEFAULT_MODEL = str(DEMO_MODEL_DIR)  # the bundled model, also after a non-editable install (tgvkv.loading)
 
 
 def load(model_path: str = DEFAULT_MODEL, attn_implementation: str | None = None):
@@ -298,12 +299,14 @@ def eviction_table(results_dir: str, methods: dict[str, str] = CARD_EVICTION_MET
 
     Reads its ``summary.csv``; raises if the folder lacks a method of ``methods`` or any budget.
     """
-    from tgvkv.eval.runner import SUMMARY_CSV, read_summary_csv
+    import csv
 
-    path = os.path.join(results_dir, SUMMARY_CSV)
+    # the evaluator's documented output file (docs/eval.md), read as a file: the demo package stays below tgvkv.eval
+    path = os.path.join(results_dir, "summary.csv")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: run python -m tgvkv.eval --out {results_dir} first")
-    rows = [r for r in read_summary_csv(path) if r["qtype"] == "all" and r["protocol"] == "official"]
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["qtype"] == "all" and r["protocol"] == "official"]
     keeps = sorted({float(r["keep"]) for r in rows if r["method"] != "full"})
     cell = {(r["method"], float(r["keep"]), r["turn"]): r for r in rows}
     out = []
