@@ -13,6 +13,7 @@ from PIL import Image
 
 from test_app_api import running_app
 from tgvkv import Trace
+from analysis.webapp import display as D
 from analysis.webapp import handlers as H
 from analysis.webapp import models as M
 from analysis.webapp.examples import load_examples
@@ -97,7 +98,7 @@ def test_example_click_budget_change_and_download(page, tmp_path, artifacts_dir)
     wait_for_run(page, 50)
     assert answer_text(page, "evicted") == ref50.evicted.output_text
     metrics = page.locator("#metrics").inner_text()
-    assert H.fmt_bytes(int(ref50.evicted.kv_bytes_kept.sum())) in metrics
+    assert D.fmt_bytes(int(ref50.evicted.kv_bytes_kept.sum())) in metrics
 
     # 3. the Explain tab reads the same run
     open_tab(page, "Explain")

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from test_app_api import running_app
+from analysis.webapp import display as D
 from analysis.webapp import handlers as H
 from analysis.webapp import models as M
 from analysis.webapp.examples import load_examples
@@ -66,7 +67,7 @@ def test_figures_as_the_visitor_sees_them(page, tmp_path):
     wait_for_keep(page, 10)
 
     # KL axis: every token of the short answer, the end-of-sequence token by its name (never an empty "5:")
-    want = [f"{i}:{H._short(x)}" for i, x in enumerate(H.answer_labels(ref)[: len(ref.step_kl)])]
+    want = [f"{i}:{D._short(x)}" for i, x in enumerate(D.answer_labels(ref)[: len(ref.step_kl)])]
     assert tick_texts(page, "#kl-plot .xtick text") == want
     assert all(t.split(":", 1)[1] for t in want)
 

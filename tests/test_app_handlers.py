@@ -19,10 +19,15 @@ from PIL import Image
 import gradio as gr
 from tgvkv import POLICIES, RunOptions, Trace, compare
 from tgvkv.loading import DEMO_MODEL_DIR
+from analysis.webapp import display as D
 from analysis.webapp import handlers as H
+from analysis.webapp import inputs as I
+from analysis.webapp import state as S
+from analysis.webapp import views as V
 from analysis.webapp import models as M
 from analysis.webapp.examples import load_examples
 from analysis.webapp.export import export_run
+from analysis.webapp.outputs import DiagnosticsOutputs, ExportOutputs, MethodsOutputs, RunOutputs
 
 POLICY = M.ModelPolicy()
 
@@ -58,7 +63,7 @@ def assert_traces_equal(a: Trace, b: Trace) -> None:
 def test_answers_equal_engine_output(run, example):
     loaded = M.get_model(M.DEMO, POLICY)
     ref = compare(loaded.model, loaded.processor, [Image.open(example.path).convert("RGB")], example.question, "tgv-kv",
-                  0.10, 24, options=RunOptions(max_new_tokens=24, seed=0), capture=H.CAPTURE, model_name="demo")
+                  0.10, 24, options=RunOptions(max_new_tokens=24, seed=0), capture=S.CAPTURE, model_name="demo")
     assert run.full.output_text == ref.full.text and run.evicted.output_text == ref.evicted.text
     np.testing.assert_array_equal(run.evicted.output_ids, ref.evicted.token_ids)
     np.testing.assert_array_equal(run.evicted.kept_mask, ref.evicted.trace.kept_mask)
@@ -88,7 +93,7 @@ def test_summary_and_metrics_match_trace(run):
     assert s["keep_ratio"] == pytest.approx(0.10) and s["method"] == "tgv-kv" and s["seed"] == 0
     json.dumps(s)  # JSON-able for the API
     md = H.metrics_markdown(run)
-    assert H.fmt_bytes(int(e.kv_bytes_kept.sum())) in md and H.fmt_bytes(int(f.kv_bytes_kept.sum())) in md
+    assert D.fmt_bytes(int(e.kv_bytes_kept.sum())) in md and D.fmt_bytes(int(f.kv_bytes_kept.sum())) in md
     assert f"{e.seq_len} ({e.layout.n_vision})" in md
     assert f"{e.timings['prefill_s'] * 1e3:.1f} ms" in md
 
@@ -98,7 +103,7 @@ def test_answer_html_marks_divergence(run):
     assert "Full KV cache" in full and "10% of KV kept" in ev
     n_div = 0 if run.first_divergence is None else len(run.evicted_pieces) - run.first_divergence
     assert ev.count('class="tok div"') == n_div
-    assert H.fmt_bytes(int(run.evicted.kv_bytes_kept.sum())) in ev
+    assert D.fmt_bytes(int(run.evicted.kv_bytes_kept.sum())) in ev
 
 
 def test_diagnostics_render_from_trace(run, example):
@@ -163,15 +168,19 @@ def test_export_round_trip(run, tmp_path):
 def test_ui_handlers_return_every_output(run, example):
     h = H.make_ui_handlers(POLICY)
     out = h["run"](str(example.path), example.question, M.DEMO, "tgv-kv", 10, 24)
-    state, full_html, ev_html, kl, kl_cap, metrics, summary = out
+    assert isinstance(out, RunOutputs) and all(v is not None for v in out.values())
+    state = out.run_state
     assert isinstance(state, H.RunState) and state.evicted.output_text == run.evicted.output_text
-    assert summary == H.summary(state) and isinstance(kl, go.Figure) and "What to notice" in kl_cap
+    assert out.summary == H.summary(state) and isinstance(out.kl_plot, go.Figure) and "What to notice" in out.kl_caption
+    assert out.full_answer == H.answer_html(state, "full") and out.metrics == H.metrics_markdown(state)
     diag = h["diagnostics"](state)
-    assert len(diag) == 20 and isinstance(diag[3], Image.Image)
-    files, md = h["export"](state)
-    assert any(f.endswith(".npz") for f in files) and "Exported" in md
-    fig, bud, md = h["compare_methods"](str(example.path), example.question, M.DEMO, "tgv-kv", "random", 10, 8, None)
-    assert isinstance(fig, go.Figure) and "Jaccard" in md and "random" in md
+    assert isinstance(diag, DiagnosticsOutputs) and isinstance(diag.overlay_image, Image.Image)
+    assert diag.overlay_caption == H.overlay_view(state, state.default_layer())[1]
+    assert all(v is not None for v in diag.values())
+    exported = h["export"](state)
+    assert any(f.endswith(".npz") for f in exported.files) and "Exported" in exported.summary
+    methods = h["compare_methods"](str(example.path), example.question, M.DEMO, "tgv-kv", "random", 10, 8, None)
+    assert isinstance(methods.comparison_plot, go.Figure) and "Jaccard" in methods.table and "random" in methods.table
 
 
 def test_sessions_do_not_share_state(example):
@@ -205,7 +214,7 @@ def test_concurrent_requests_match_sequential(example):
 
 
 def test_method_choices_follow_the_registry():
-    names = [v for _, v in H.method_choices()]
+    names = [v for _, v in I.method_choices()]
     assert sorted(names) == sorted(POLICIES) and names[0] == "tgv-kv"
 
 
@@ -222,13 +231,13 @@ def _png_header(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "CMYK", "I;16", "L", "1"])
 def test_image_modes_become_rgb(mode):
     im = Image.new(mode, (20, 12))
-    out = H.check_image(im)
+    out = I.check_image(im)
     assert out.mode == "RGB" and out.size == (20, 12)
 
 
 def test_large_images_are_downscaled():
-    out = H.check_image(Image.new("RGB", (H.MAX_SIDE * 2, H.MAX_SIDE)))
-    assert max(out.size) == H.MAX_SIDE
+    out = I.check_image(Image.new("RGB", (I.MAX_SIDE * 2, I.MAX_SIDE)))
+    assert max(out.size) == I.MAX_SIDE
 
 
 @pytest.mark.parametrize("content, message", [
@@ -246,20 +255,20 @@ def test_bad_image_files(tmp_path, content, message):
         content = path.read_bytes()[:60]
     path.write_bytes(content)
     with pytest.raises(ValueError, match=message):
-        H.check_image(str(path))
+        I.check_image(str(path))
 
 
 @pytest.mark.parametrize("args, message", [
     ((None, "q ?", 10, 8), "upload an image"),
     (("img", "   ", 10, 8), "type a question"),
-    (("img", "x" * (H.MAX_QUESTION_CHARS + 1), 10, 8), "too long"),
+    (("img", "x" * (I.MAX_QUESTION_CHARS + 1), 10, 8), "too long"),
     (("img", "what is <image> here ?", 10, 8), "image placeholder"),
     (("img", "q ?", 4, 8), "between 5% and 100%"),
     (("img", "q ?", 101, 8), "between 5% and 100%"),
     (("img", "q ?", float("nan"), 8), "between 5% and 100%"),
     (("img", "q ?", "lots", 8), "number of percent"),
     (("img", "q ?", 10, 0), "from 1 to"),
-    (("img", "q ?", 10, H.MAX_NEW_TOKENS_UI + 1), "from 1 to"),
+    (("img", "q ?", 10, I.MAX_NEW_TOKENS_UI + 1), "from 1 to"),
     (("img", "q ?", 10, 2.5), "from 1 to"),
 ])
 def test_input_validation_messages(example, args, message):
@@ -356,16 +365,16 @@ def test_kl_axis_is_readable_on_long_answers(run):
     fig = H.kl_figure(long)
     ax = fig.layout.xaxis
     shown = list(ax.tickvals)
-    assert len(shown) <= H.KL_MAX_LABELS + 1 and 37 in shown and shown[0] == 0
-    labels = [H.token_label(p, t) for p, t in zip(long.full_pieces, long.full.output_tokens)]
-    assert list(ax.ticktext) == [html.escape(f"{i}:{H._short(labels[i])}") for i in shown]
+    assert len(shown) <= D.KL_MAX_LABELS + 1 and 37 in shown and shown[0] == 0
+    labels = [D.token_label(p, t) for p, t in zip(long.full_pieces, long.full.output_tokens)]
+    assert list(ax.ticktext) == [html.escape(f"{i}:{D._short(labels[i])}") for i in shown]
     assert ax.tickangle == -45
     bar = fig.data[0]
     assert bar.customdata[-1] == html.escape(eos) and bar.customdata[-2] == "\\n" and bar.customdata[5] == "w5"
     assert "␣" not in "".join(bar.customdata) + "".join(ax.ticktext)
     assert list(bar.marker.color[:37]) == [palette_mod().AGREE] * 37
     assert set(bar.marker.color[37:]) == {palette_mod().DIVERGED}
-    assert [H.token_label(p) for p in (" yes", " ", "\t", "")] == ["yes", "(space)", "\\t", "(empty)"]
+    assert [D.token_label(p) for p in (" yes", " ", "\t", "")] == ["yes", "(space)", "\\t", "(empty)"]
 
 
 def palette_mod():
@@ -378,7 +387,7 @@ def test_kl_labels_of_the_real_run_name_the_end_token(run):
     eos = M.get_model(M.DEMO, POLICY).processor.tokenizer.eos_token
     fig = H.kl_figure(run)
     labels = [html.unescape(x) for x in fig.data[0].customdata]  # escaped: plotly would read '</s>' as markup
-    assert labels == H.answer_labels(run)[: len(run.step_kl)]
+    assert labels == D.answer_labels(run)[: len(run.step_kl)]
     assert [p.strip() for p in run.full_pieces if p.strip()] == [x for x in labels if x != eos]
     if run.full.output_tokens[-1] == eos:  # the answer ended with the end-of-sequence token: shown by its name
         assert labels[-1] == eos
@@ -405,16 +414,16 @@ def test_captions_name_the_drawn_colours(run):
     assert "red boxes" not in cap and f'color:{P.HIGHLIGHT}' in cap
     _, cap = H.overlay_view(run, 0, "all layers")
     assert "colour from dark purple to yellow" in cap and f"of the {run.num_layers} layers keep the patch" in cap
-    _, cap = H.accumulated_view(run)
+    _, cap = V.accumulated_view(run)
     rows = [label for label, _ in compute_accumulated(run.evicted).eviction_rows()]
     assert rows == [run.method, "attention-only"]
     assert f"{run.method}'s own evictions are the top row" in cap and "bottom row of the lower panel" in cap
     assert "row below" not in cap
     _, cap = H.attention_view(run, 0)
     assert "colour from dark blue to yellow: log10" in cap and f"{P.name_of(P.BOUNDARY)} line: boundaries" in cap
-    _, cap = H.neighbours_view(run)
+    _, cap = V.neighbours_view(run)
     assert f"{P.name_of(P.TEXT)} line: text tokens' neighbours" in cap and f"{P.name_of(P.VISION)} (vision)" in cap
-    _, cap = H.budgets_view(run)
+    _, cap = V.budgets_view(run)
     assert f"{P.name_of(P.TEXT)} bars: text kept" in cap and f"{P.name_of(P.VISION)} bars: vision kept" in cap
     cap = H.kl_caption(run)
     if run.first_divergence is not None:
@@ -427,49 +436,57 @@ def test_captions_name_the_drawn_colours(run):
 def test_overlay_mode_and_layer_survive_a_rerun(run, example):
     """'all layers' stays 'all layers' after a settings change re-runs the comparison (handler level)."""
     h = H.make_ui_handlers(POLICY)
-    state = h["rerun"](run, str(example.path), example.question, M.DEMO, "tgv-kv", 20, 24)[0]
+    state = h["rerun"](run, str(example.path), example.question, M.DEMO, "tgv-kv", 20, 24).run_state
     assert isinstance(state, H.RunState) and state.keep_ratio == pytest.approx(0.2)
     out = h["diagnostics_if_run"](state, "all layers", 1)
-    slider, img, cap = out[0], out[3], out[4]
+    slider, img, cap = out.overlay_layer, out.overlay_image, out.overlay_caption
     assert slider.value == 1
     want_img, want_cap = H.overlay_view(state, 1, "all layers")
     assert cap == want_cap and "layers keeping each patch" in cap
     np.testing.assert_array_equal(np.asarray(img), np.asarray(want_img))
     out = h["diagnostics_if_run"](state, "all layers", 99)  # a layer the model does not have: the default layer
-    assert out[0].value == state.default_layer() and "layers keeping each patch" in out[4]
+    assert out.overlay_layer.value == state.default_layer() and "layers keeping each patch" in out.overlay_caption
     out = h["diagnostics"](state, "all layers")  # a new run starts at the default layer, in the visitor's mode
-    assert out[0].value == state.default_layer() and "layers keeping each patch" in out[4]
-    assert "keeps" in h["diagnostics"](state, "layer")[4]
+    assert out.overlay_layer.value == state.default_layer() and "layers keeping each patch" in out.overlay_caption
+    assert "keeps" in h["diagnostics"](state, "layer").overlay_caption
     with pytest.raises(gr.Error, match="overlay mode must be one of"):
         h["overlay"](state, 0, "every layer")
 
 
 def test_failed_run_clears_every_output():
-    """The failure handler's values line up with what app.py wires it to and leave nothing of an earlier run."""
+    """The failure handler names every run, diagnostics and export output, what app.py wires gets them on the right
+    components, and nothing of an earlier run is left."""
     import app
 
     h = H.make_ui_handlers(POLICY)
-    cleared = h["run_failed"]()
+    run, diag, export = h["run_failed"]()
     demo = app.build_ui(POLICY)
     wired = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_run_failed"]
     # run + diagnostics of each entry point: the Run button, both example sets, a settings change
     assert len(wired) == 8 and all(f.trigger_only_on_failure for f in wired)
-    assert all(len(f.outputs) == len(cleared) == 29 for f in wired)
-    labels = [getattr(c, "label", None) for c in wired[0].outputs]
-    state, full, ev, kl, kl_cap, metrics, summary = cleared[:7]
-    assert state is None and summary is None and labels[1:3] == ["full answer", "evicted answer"]
-    assert H.FAILED_NOTE in full and H.FAILED_NOTE in ev and 'class="tok' not in full + ev
-    assert isinstance(kl, go.Figure) and not kl.data and H.FAILED_NOTE in kl_cap and H.FAILED_NOTE in metrics
-    diag = cleared[7:27]
-    assert labels[7:10] == ["Overlay layer", "Attention layer", "Layer for the overlays"]
-    assert all(d == gr.skip() for d in diag[:3])  # the layer sliders keep their position
-    for value, label in zip(diag[3:], labels[10:27]):
+    names = RunOutputs.names() + DiagnosticsOutputs.names() + ExportOutputs.names()
+    assert all(len(f.outputs) == len(names) == 29 for f in wired)
+    on_page = {name: (getattr(c, "label", None), value)
+               for name, c, value in zip(names, wired[0].outputs, wired[0].fn())}  # what the page receives
+    assert run.run_state is None and run.summary is None and on_page["run_state"][1] is None
+    assert on_page["full_answer"] == ("full answer", run.full_answer)
+    assert on_page["evicted_answer"] == ("evicted answer", run.evicted_answer)
+    assert H.FAILED_NOTE in run.full_answer and H.FAILED_NOTE in run.evicted_answer
+    assert 'class="tok' not in run.full_answer + run.evicted_answer
+    assert isinstance(run.kl_plot, go.Figure) and not run.kl_plot.data
+    assert H.FAILED_NOTE in run.kl_caption and H.FAILED_NOTE in run.metrics
+    assert [on_page[n][0] for n in ("overlay_layer", "attention_layer", "compare_layer")] == [
+        "Overlay layer", "Attention layer", "Layer for the overlays"]
+    assert diag.overlay_layer == diag.attention_layer == diag.compare_layer == gr.skip()  # sliders stay put
+    for name in DiagnosticsOutputs.names()[3:]:
+        value = getattr(diag, name)
         if isinstance(value, go.Figure):
-            assert not value.data, label
+            assert not value.data, name
         elif isinstance(value, str):
-            assert value == "" or H.FAILED_NOTE in value, label
+            assert value == "" or H.FAILED_NOTE in value, name
         else:
-            assert value is None, label
-    assert cleared[27:] == (None, f"*{H.FAILED_NOTE}.*") and labels[27] == "Files"
+            assert value is None, name
+    assert export == ExportOutputs(files=None, summary=f"*{H.FAILED_NOTE}.*") and on_page["files"][0] == "Files"
     cmp = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_compare_failed"]
-    assert len(cmp) == 1 and len(cmp[0].outputs) == len(h["compare_failed"]()) == 3
+    assert len(cmp) == 1 and len(cmp[0].outputs) == len(MethodsOutputs.names()) == 3
+    assert isinstance(h["compare_failed"](), MethodsOutputs) and H.FAILED_NOTE in h["compare_failed"]().table

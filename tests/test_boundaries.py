@@ -118,7 +118,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def render(graph: dict[str, set[str]]) -> str:
-    return "\n".join(f"{src} -> {', '.join(sorted(dst)) or '(nothing first-party)'}" for src, dst in sorted(graph.items()))
+    lines = (f"{src} -> {', '.join(sorted(dst)) or '(nothing first-party)'}" for src, dst in sorted(graph.items()))
+    return "\n".join(lines)
 
 
 def test_cycle_finder_finds_a_planted_cycle():

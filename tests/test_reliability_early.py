@@ -229,7 +229,7 @@ def test_broken_model_folder_app(tiny, tmp_path, how):
         with pytest.raises(gr.Error) as info:
             h["run"](str(tiny / "image.png"), QUESTION, str(folder), "tgv-kv", 50, 4)
         assert info.value.message == f"could not load local folder {str(folder.resolve())!r}: {problem}"
-        summary = h["run"](str(tiny / "image.png"), QUESTION, str(tiny / "model"), "tgv-kv", 50, 4)[-1]
+        summary = h["run"](str(tiny / "image.png"), QUESTION, str(tiny / "model"), "tgv-kv", 50, 4).summary
         assert summary["full"]["token_ids"]  # the next good request answers
     finally:
         M.clear_cache()

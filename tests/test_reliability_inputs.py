@@ -383,8 +383,7 @@ def handlers(app_env):
     return H.make_ui_handlers(app_env["policy"])
 
 
-def _answers(out) -> str:
-    summary = out[-1]
+def _answers(summary: dict) -> str:
     assert summary["full"]["token_ids"] and isinstance(summary["evicted"]["answer"], str)
     return summary["full"]["answer"]
 
@@ -396,7 +395,7 @@ def test_handler_bad_input(app_env, handlers, row_id, overrides, message, api_me
     with pytest.raises(gr.Error) as info:
         handlers["run"](*_args(app_env, overrides))
     assert info.value.message == message
-    _answers(handlers["run"](*_args(app_env, {})))  # the next good request still answers
+    _answers(handlers["run"](*_args(app_env, {})).summary)  # the next good request still answers
 
 
 @pytest.mark.parametrize("row_id,folder,message", LOCAL_ROWS, ids=[r[0] for r in LOCAL_ROWS])
@@ -410,19 +409,19 @@ def test_handler_local_model_rows(app_env, row_id, folder, message):
     with pytest.raises(gr.Error) as info:
         h["run"](*_args(app_env, {2: path}))
     assert info.value.message == message.format(path=path)
-    _answers(h["run"](*_args(app_env, {})))
+    _answers(h["run"](*_args(app_env, {})).summary)
 
 
 @pytest.mark.parametrize("row_id,endpoint,layer,message", VIEW_ROWS, ids=[r[0] for r in VIEW_ROWS])
 def test_handler_view_bad_layer(app_env, handlers, row_id, endpoint, layer, message):
     import gradio as gr
 
-    run = handlers["run"](*_args(app_env, {}))[0]
+    run = handlers["run"](*_args(app_env, {})).run_state
     with pytest.raises(gr.Error) as info:
         handlers[endpoint](run, layer, "layer") if endpoint == "overlay" else handlers[endpoint](run, layer)
     assert info.value.message == message.format(last=run.num_layers - 1)
-    image, caption = handlers["overlay"](run, 0, "layer")
-    assert image is not None and caption
+    overlay = handlers["overlay"](run, 0, "layer")
+    assert overlay.figure is not None and overlay.caption
 
 
 @pytest.mark.parametrize("endpoint,message", [("overlay", "run a comparison first"), ("attention", "run a comparison first"),
@@ -468,7 +467,7 @@ def test_api_bad_input(app_env, api, row_id, overrides, message, api_message):
     with pytest.raises(AppError) as info:
         client.predict(*_args(app_env, overrides, api=True), api_name="/compare")
     assert str(info.value) == api_message
-    _answers(client.predict(*_args(app_env, {}, api=True), api_name="/compare"))
+    _answers(client.predict(*_args(app_env, {}, api=True), api_name="/compare")[-1])
 
 
 def _raw_call(url: str, data: list) -> str:
@@ -489,7 +488,7 @@ def test_api_never_reads_a_path_the_visitor_names(app_env, api, path):
     assert "event: error" in text
     shown = str(Path(path).resolve())  # gradio names the absolute path it refused
     assert f"Cannot move {shown} to the gradio cache dir because it was not uploaded by a user." in text
-    _answers(client.predict(*_args(app_env, {}, api=True), api_name="/compare"))
+    _answers(client.predict(*_args(app_env, {}, api=True), api_name="/compare")[-1])
 
 
 def test_api_upload_over_the_size_limit_is_refused(app_env, api):
@@ -499,7 +498,7 @@ def test_api_upload_over_the_size_limit_is_refused(app_env, api):
     blob = b"\x89PNG" + b"\x00" * (10 * 2**20 + 1)
     r = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.png", blob, "image/png")}, timeout=60)
     assert r.status_code == 413 and r.text == "File size exceeded maximum allowed size of 10485760 bytes."
-    _answers(client.predict(*_args(app_env, {}, api=True), api_name="/compare"))
+    _answers(client.predict(*_args(app_env, {}, api=True), api_name="/compare")[-1])
 
 
 def test_api_views_before_any_run_in_a_new_session(app_env, api):
@@ -510,7 +509,7 @@ def test_api_views_before_any_run_in_a_new_session(app_env, api):
     with pytest.raises(AppError) as info:
         Client(url, verbose=False).predict(0, "layer", api_name="/overlay")
     assert str(info.value) == "run a comparison first"
-    _answers(client.predict(*_args(app_env, {}, api=True), api_name="/compare"))
+    _answers(client.predict(*_args(app_env, {}, api=True), api_name="/compare")[-1])
 
 
 # -- trust_remote_code: only from an explicit command-line opt-in ------------------------------------------------------
@@ -566,10 +565,9 @@ def test_handler_compare_methods_bad_input(app_env, handlers, row_id, overrides,
         args[i] = v
     with pytest.raises(gr.Error) as info:
         handlers["compare_methods"](*args)
-    layers = handlers["run"](*_args(app_env, {}))[0].num_layers
+    layers = handlers["run"](*_args(app_env, {})).run_state.num_layers
     assert info.value.message == message.format(last=layers - 1)
-    fig, budgets, md = handlers["compare_methods"](*good)
-    assert "h2o" in md
+    assert "h2o" in handlers["compare_methods"](*good).table
 
 
 # -- special tokens are read from each family's processor ----------------------------------------------------------

@@ -24,9 +24,11 @@ from typing import Callable
 from PIL import Image
 
 from tgvkv.loading import REPO_ROOT
-from . import handlers as H
 from . import models as M
 from .examples import load_examples
+from .state import run_comparison
+from .ui import build_ui, launch
+from .views import diagnostics
 
 OUT = REPO_ROOT / "results" / "app_latency.json"
 KEEP, MAX_NEW, METHOD = 10, 32, "tgv-kv"
@@ -52,8 +54,8 @@ def _timed(fn: Callable[[], object], repeats: int, items: list) -> list[float]:
 
 def bench_handlers(examples, repeats: int) -> dict:
     def one(e):
-        run = H.run_comparison(Image.open(e.path), e.question, M.DEMO, METHOD, KEEP, MAX_NEW)
-        H.diagnostics(run)
+        run = run_comparison(Image.open(e.path), e.question, M.DEMO, METHOD, KEEP, MAX_NEW)
+        diagnostics(run)
 
     one(examples[0])  # warm-up: imports, first figures
     return _stats(_timed(one, repeats, examples))
@@ -66,15 +68,10 @@ def _free_port() -> int:
 
 
 def bench_api_and_browser(examples, repeats: int, browser: bool) -> dict:
-    import sys
-
     from gradio_client import Client, handle_file
 
-    sys.path.insert(0, str(REPO_ROOT))
-    import app
-
-    demo = app.build_ui()
-    app.launch(demo, "127.0.0.1", _free_port(), prevent_thread_lock=True)
+    demo = build_ui()  # the app's own page and limits, as app.py serves them
+    launch(demo, "127.0.0.1", _free_port(), prevent_thread_lock=True)
     out: dict = {}
     try:
         client = Client(demo.local_url, verbose=False)

@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 from tgvkv.trace import Trace
 
 if TYPE_CHECKING:
-    from .handlers import RunState
+    from .state import RunState
 
 FONT = dict(size=17)  # projector-readable
 

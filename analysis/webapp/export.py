@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from matplotlib.figure import Figure
 
+from .display import KL_NOTICEABLE, answer_labels, summary
+
 if TYPE_CHECKING:
-    from .handlers import RunState
+    from .state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,6 @@ def versions() -> dict[str, str]:
 
 def run_card(run: "RunState") -> dict[str, Any]:
     """Everything needed to reproduce and cite the run."""
-    from .handlers import summary
-
     s = summary(run)
     return {
         "format": "tgvkv-run-card/1",
@@ -72,8 +72,6 @@ def kl_figure_mpl(run: "RunState", max_labels: int = 24) -> Figure:
     from analysis import palette
     from analysis.ticks import thinned
     from matplotlib.patches import Patch
-
-    from .handlers import KL_NOTICEABLE, answer_labels
 
     kl = run.step_kl
     d = run.first_divergence

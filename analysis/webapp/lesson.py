@@ -21,8 +21,10 @@ from PIL import Image
 
 from tgvkv import CaptureOptions, RunOptions, compare, generate
 from . import models
-from .handlers import (CAPTURE, SEED, _gpu, check_image, check_keep_percent, check_max_new_tokens, check_question,
-                       user_errors)
+from .handlers import user_errors
+from .inputs import check_image, check_keep_percent, check_max_new_tokens, check_question
+from .outputs import Binding, ExportOutputs, LessonOutputs, wired
+from .state import CAPTURE, SEED, on_gpu
 from .lesson_examples import load_lesson_examples
 
 LESSON_METHOD = "tgv-kv"  # the lesson explains the paper's method, whatever the main method dropdown says
@@ -39,7 +41,7 @@ class LessonState:
     created: float
 
 
-@_gpu(duration=120)
+@on_gpu(duration=120)
 def _runs_locked(loaded: models.LoadedModel, image: Image.Image, question: str, followup: str | None,
                  keep_ratio: float, max_new_tokens: int) -> Any:
     from analysis.lesson import LessonInput, ProtocolRun
@@ -113,7 +115,7 @@ def make_lesson_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
 
         progress(0.1, desc="running full KV, TGV-KV (official and strict) and the follow-up")
         lesson = build(image, question, followup, model_name, keep_percent, max_new_tokens, policy)
-        return LessonState(lesson, time.time()), deck_html(lesson)
+        return LessonOutputs(lesson_state=LessonState(lesson, time.time()), deck=deck_html(lesson))
 
     @user_errors
     def on_export(state, progress=gr.Progress()):
@@ -122,7 +124,8 @@ def make_lesson_handlers(policy: models.ModelPolicy) -> dict[str, Callable]:
             raise ValueError("build the lesson first, then export it")
         progress(0.2, desc="writing HTML and PDF")
         files = export_lesson(state.lesson)
-        return [str(f) for f in files], f"Exported `{files[0].name}` (opens offline) and `{files[1].name}`."
+        return ExportOutputs(files=[str(f) for f in files],
+                             summary=f"Exported `{files[0].name}` (opens offline) and `{files[1].name}`.")
 
     return {"build": on_build, "export": on_export}
 
@@ -155,10 +158,12 @@ def build_lesson_tab(policy: models.ModelPolicy, heavy: dict[str, Any], image: g
         export_md = gr.Markdown(label="lesson export summary")
     export_files = gr.File(label="Lesson files", file_count="multiple", interactive=False, elem_id="lesson-files")
     build_inputs = [image, question, followup, model, keep, max_new]
-    gr.on([build_btn.click, followup.submit], h["build"], build_inputs, [state, deck], api_name="lesson", **heavy)
+    on_build, built = wired(h["build"], Binding(LessonOutputs, lesson_state=state, deck=deck))
+    gr.on([build_btn.click, followup.submit], on_build, build_inputs, built, api_name="lesson", **heavy)
     if examples is not None:  # a lesson example builds its lesson straight away
-        examples.load_input_event.then(h["build"], build_inputs, [state, deck], api_visibility="private", **heavy)
-    export_btn.click(h["export"], [state], [export_files, export_md], api_name="export_lesson")
+        examples.load_input_event.then(on_build, build_inputs, built, api_visibility="private", **heavy)
+    on_export, exported = wired(h["export"], Binding(ExportOutputs, files=export_files, summary=export_md))
+    export_btn.click(on_export, [state], exported, api_name="export_lesson")
 
 
 __all__ = ["build", "lesson_input", "export_lesson", "make_lesson_handlers", "build_lesson_tab", "LessonState"]
