@@ -10,6 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_models helpers
 
 import repo_guard  # noqa: E402
+from browser_helpers import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 _BEFORE = pytest.StashKey[dict]()
@@ -34,6 +35,31 @@ def artifacts_dir(request, tmp_path_factory) -> Path:
         return tmp_path_factory.mktemp("artifacts")
     given.mkdir(parents=True, exist_ok=True)
     return given
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Headless Debian Chromium (Playwright), one per test module."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def app_page(chromium):
+    """The real app (demo model) served from a thread, open in a 1440x1000 page that accepts downloads."""
+    from test_app_api import running_app
+
+    with running_app() as url:
+        page = chromium.new_page(viewport={"width": 1440, "height": 1000}, accept_downloads=True)
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.wait_for_selector("#run")
+        yield page
+        page.close()
 
 
 def pytest_sessionstart(session):

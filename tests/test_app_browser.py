@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_app_api import running_app
+from browser_helpers import open_tab, wait_idle
 from tgvkv import Trace
 from analysis.webapp import display as D
 from analysis.webapp import handlers as H
@@ -20,24 +20,10 @@ from analysis.webapp.examples import load_examples
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-TIMEOUT_MS = 60_000
-
 
 @pytest.fixture(scope="module")
-def page():
-    from playwright.sync_api import sync_playwright
-
-    with running_app() as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        pg = browser.new_page(viewport={"width": 1440, "height": 1000}, accept_downloads=True)
-        pg.set_default_timeout(TIMEOUT_MS)
-        pg.goto(url)
-        pg.wait_for_selector("#run")
-        yield pg
-        browser.close()
+def page(app_page):
+    return app_page
 
 
 def answer_text(page, which: str) -> str:
@@ -52,22 +38,6 @@ def wait_for_run(page, keep_percent: int) -> None:
         " && document.querySelector('#answer-evicted .answer-meta'); }",
         arg=keep_percent)
     wait_idle(page)
-
-
-def wait_idle(page) -> None:
-    page.wait_for_timeout(300)
-    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=status-tracker]')]"
-                           ".every(e => e.classList.contains('hide'))")
-
-
-def open_tab(page, name: str) -> None:
-    """Click a tab as a visitor would: in the tab row, or in Gradio's overflow menu ("...") when the row is full."""
-    tab = page.get_by_role("tab", name=name)
-    if tab.count() and tab.first.is_visible():
-        tab.first.click()
-        return
-    page.locator(".overflow-menu").locator("button").first.click()
-    page.locator(".overflow-dropdown").get_by_role("button", name=name).first.click()
 
 
 def test_example_click_budget_change_and_download(page, tmp_path, artifacts_dir):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from test_app_api import running_app
+from browser_helpers import wait_idle
 from analysis.webapp import display as D
 from analysis.webapp import handlers as H
 from analysis.webapp import models as M
@@ -17,30 +17,10 @@ from analysis.webapp.examples import load_examples
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-TIMEOUT_MS = 120_000
-
 
 @pytest.fixture(scope="module")
-def page():
-    from playwright.sync_api import sync_playwright
-
-    with running_app() as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        pg = browser.new_page(viewport={"width": 1440, "height": 1000})
-        pg.set_default_timeout(TIMEOUT_MS)
-        pg.goto(url)
-        pg.wait_for_selector("#run")
-        yield pg
-        browser.close()
-
-
-def wait_idle(page) -> None:
-    page.wait_for_timeout(300)
-    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=status-tracker]')]"
-                           ".every(e => e.classList.contains('hide'))")
+def page(app_page):
+    return app_page
 
 
 def wait_for_keep(page, keep_percent: int) -> None:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from test_app_api import running_app
-from test_app_browser import ARGS, CHROMIUM, TIMEOUT_MS, wait_idle
+from browser_helpers import TIMEOUT_MS, wait_idle
 from analysis.webapp import lesson as LW
 from analysis.webapp import models as M
 from analysis.webapp.lesson_examples import load_lesson_examples
@@ -24,21 +24,11 @@ pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1280, "height": 720}
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
 def active_key(page) -> str:
     return page.eval_on_selector(".lesson-deck .lesson-step.active", "s => s.dataset.key")
 
 
-def test_lesson_present_step_export_offline(browser, tmp_path):
+def test_lesson_present_step_export_offline(chromium, tmp_path):
     examples = load_lesson_examples()
     assert examples, "no lesson examples: run python -m analysis.webapp.lesson_examples"
     ex = examples[0]
@@ -46,7 +36,7 @@ def test_lesson_present_step_export_offline(browser, tmp_path):
     keys = [s.key for s in expected.steps]
 
     with running_app() as url:
-        page = browser.new_page(viewport=VIEWPORT, accept_downloads=True)
+        page = chromium.new_page(viewport=VIEWPORT, accept_downloads=True)
         page.set_default_timeout(TIMEOUT_MS)
         page.goto(url)
         page.get_by_role("tab", name="Lesson").click()
@@ -103,7 +93,7 @@ def test_lesson_present_step_export_offline(browser, tmp_path):
     assert pdf.startswith(b"%PDF") and len(re.findall(rb"/Type\s*/Page\b", pdf)) == len(keys) + 1
 
     # the exported HTML offline: every request that is not the file itself is aborted and recorded
-    context = browser.new_context(viewport=VIEWPORT)
+    context = chromium.new_context(viewport=VIEWPORT)
     blocked: list[str] = []
 
     def block(route):
