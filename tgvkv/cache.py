@@ -88,6 +88,10 @@ class EvictingLayer(_SlotStorage, DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.physical_length() + query_length, 0
 
+    def query_offset(self) -> int:
+        """Where the new queries sit inside this layer's keys (mask building): after the slots held."""
+        return self.physical_length()
+
     # -- appending ---------------------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         n_new = key_states.shape[-2]  # key_states: (B, H_kv, n_new, D)
@@ -159,6 +163,10 @@ class EvictingSlidingLayer(_SlotStorage, DynamicSlidingWindowLayer):
             self._spill = (keys[..., -held - 1 : -held, :].clone(), values[..., -held - 1 : -held, :].clone())
         return keys, values
 
+    def query_offset(self) -> int:
+        """As transformers' sliding layers have it: the tokens seen (their masks are offset by the window)."""
+        return self.get_seq_length()
+
     def drop_last(self) -> None:
         """Remove the newest token; the slot that left the window when it came in comes back."""
         keys, values, pos = self.keys[..., :-1, :], self.values[..., :-1, :], self.positions[:-1]
@@ -205,8 +213,8 @@ class EvictingCache(Cache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
-        """Physical length (where the new queries sit inside this layer's keys, for mask building)."""
-        return self.layers[layer_idx].physical_length() if layer_idx < len(self.layers) else 0
+        """Where the new queries sit inside this layer's keys, for mask building (an evicting layer: its physical length)."""
+        return self.layers[layer_idx].query_offset() if layer_idx < len(self.layers) else 0
 
     def evictable(self, layer_idx: int) -> bool:
         """Sliding-window layers (Gemma 3, ...) manage their own window; only full-attention layers are evicted."""
