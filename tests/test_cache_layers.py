@@ -90,6 +90,8 @@ def test_hybrid_cache_builds_sliding_layers_that_are_never_evicted():
     cache.drop_last()  # the slot that left the window when position 5 came in comes back
     assert cache.layers[0].positions.tolist() == [2, 3, 4] and held_positions(cache.layers[0]) == [2, 3, 4]
     assert cache.get_seq_length(0) == 5 and cache.get_seq_length(1) == 5 and cache.layers[1].positions.tolist() == [0]
+    # masks: a sliding layer's queries sit after the tokens seen (transformers' rule), an evicted one's after its slots
+    assert (cache.get_query_offset(0), cache.get_query_offset(1)) == (5, 1)
     rule = DropArgmin(cap=0)
     cache.attach_decode_rule(rule)  # the policy indexes the evictable layers only: model layer 1 is its layer 0
     cache.evict_by_rule({0: torch.ones(3), 1: torch.ones(1)})
