@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .base import KINDS, DecodeRule, Kind, Policy, Selection, check_keep_ratio
+from .base import EVICTABLE_LAYERS, KINDS, DecodeRule, Kind, Policy, Selection, check_keep_ratio
 from .baselines import Full, RandomEviction
 from .h2o import H2O
 from .prefixkv import PrefixKV
@@ -67,5 +67,5 @@ def make_policy(method: str | Policy, **options: Any) -> Policy:
     return cls(**options)
 
 
-__all__ = ["POLICIES", "Policy", "Selection", "DecodeRule", "TGVDetails", "Kind", "KINDS", "make_policy", "register",
-           "check_keep_ratio", "method_kind", "method_sort_key"]
+__all__ = ["POLICIES", "Policy", "Selection", "DecodeRule", "TGVDetails", "Kind", "KINDS", "EVICTABLE_LAYERS",
+           "make_policy", "register", "check_keep_ratio", "method_kind", "method_sort_key"]

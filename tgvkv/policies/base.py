@@ -24,6 +24,10 @@ if TYPE_CHECKING:  # decode rules run on torch tensors; the policies themselves 
 Kind = Literal["tgv", "tgv-ablation", "baseline", "probe"]
 KINDS: tuple[Kind, ...] = ("tgv", "tgv-ablation", "baseline", "probe")
 
+#: `Selection.info` key of the (L,) bool mask of the layers the engine evicts, written by the engine (not by a policy)
+#: when some layer keeps its own window (e.g. Gemma 3's sliding layers); read through `Trace.evictable_layers`
+EVICTABLE_LAYERS = "evictable_layers"
+
 
 def check_keep_ratio(keep_ratio: float) -> float:
     """Validate the fraction of KV *retained* (0 < keep_ratio <= 1). Official PRUNE_RATIO = 1 - keep_ratio."""
