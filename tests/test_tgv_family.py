@@ -119,3 +119,13 @@ def test_a_renamed_key_fails_in_one_place_with_a_clear_error():
         sel.info["forget"].tolist()
     assert dataclasses.replace(trace, method="h2o").tgv_details() is None  # other methods write no record
     assert dataclasses.replace(trace, method="not-registered").tgv_details() is None
+
+
+def test_eval_figures_group_by_kind_and_draw_unregistered_names_with_the_baselines():
+    from tgvkv.eval.plot import _groups, _style
+
+    groups = dict(_groups(["tgv-kv", "h2o", "text-only", "tgv-tv-tt", "tgv-old-row"]))
+    assert groups == {"TGV-KV vs baselines": ["tgv-kv", "h2o", "text-only", "tgv-old-row"],
+                      "TGV-KV vs its ablations": ["tgv-kv", "tgv-tv-tt"]}
+    assert [g for g, _ in _groups(["tgv-kv", "h2o", "tgv-old-row"])] == ["TGV-KV vs baselines"]
+    assert _style("tgv-tv-tt", 0)["ls"] == "--" and _style("tgv-old-row", 0)["ls"] == _style("h2o", 0)["ls"] == "-"
