@@ -13,7 +13,6 @@ from ..layout import TokenLayout
 from ..stats import PrefillStats, StatRequest
 from . import blocks
 from .base import DecodeRule, Policy, Selection
-from .decode_rules import RandomRule
 
 
 def _no_stats(layout: TokenLayout) -> StatRequest:
@@ -69,4 +68,6 @@ class RandomEviction(Policy):
         return Selection(kept=kept, budgets=np.full(L, K), scores=np.full((L, T), np.nan))
 
     def decode_rule(self, selection: Selection, layout: TokenLayout) -> DecodeRule | None:
+        from .decode_rules import RandomRule  # torch: imported when a run decodes, not with the policy
+
         return RandomRule(selection.budgets.copy(), seed=self.seed) if self.decode else None

@@ -19,7 +19,6 @@ from ..layout import TokenLayout
 from ..stats import PrefillStats, StatRequest
 from . import blocks
 from .base import DecodeRule, Policy, Selection
-from .decode_rules import AccumulatedRule
 
 
 @dataclass
@@ -51,6 +50,8 @@ class H2O(Policy):
         return Selection(kept=kept, budgets=np.full(L, K), scores=scores, info={"recent": np.full(L, r)})
 
     def decode_rule(self, selection: Selection, layout: TokenLayout) -> DecodeRule | None:
+        from .decode_rules import AccumulatedRule  # torch: imported when a run decodes, not with the policy
+
         if not self.decode:
             return None
         initial = [selection.scores[l, k].astype(np.float32) for l, k in enumerate(selection.kept)]

@@ -22,7 +22,6 @@ from ..layout import TokenLayout
 from ..stats import PrefillStats, StatRequest
 from . import blocks
 from .base import DecodeRule, Policy, Selection
-from .decode_rules import PooledRowRule
 
 POOLINGS = ("avg", "max")
 
@@ -80,6 +79,8 @@ class SnapKV(Policy):
         return np.full(num_layers, budget)
 
     def decode_rule(self, selection: Selection, layout: TokenLayout) -> DecodeRule | None:
+        from .decode_rules import PooledRowRule  # torch: imported when a run decodes, not with the policy
+
         if not self.decode:
             return None
         w = int(selection.info["window"][0])

@@ -17,7 +17,6 @@ from ..layout import TokenLayout
 from ..stats import PrefillStats, StatRequest
 from . import blocks
 from .base import DecodeRule, Policy, Selection
-from .decode_rules import RecencyRule
 
 
 @dataclass
@@ -48,6 +47,8 @@ class StreamingLLM(Policy):
         )
 
     def decode_rule(self, selection: Selection, layout: TokenLayout) -> DecodeRule | None:
+        from .decode_rules import RecencyRule  # torch: imported when a run decodes, not with the policy
+
         if not self.decode:
             return None
         return RecencyRule(selection.budgets.copy(), sinks=selection.info["sinks"].copy())
