@@ -28,7 +28,7 @@ from .geometry import resolve_geometry
 from .images import normalise_image, pixel_sha256
 from .layout import TokenLayout, contiguous_runs
 from .options import CaptureOptions, RunOptions
-from .policies import Policy, Selection, check_keep_ratio, make_policy
+from .policies import EVICTABLE_LAYERS, Policy, Selection, check_keep_ratio, make_policy
 from .stats import PrefillStats, StatRequest, column_positions
 from .trace import TEXT, VISION, Trace, make_thumbnail
 from .validation import validate_question
@@ -199,7 +199,7 @@ def select_evictable(policy: Policy, stats: PrefillStats, layout: TokenLayout, k
     for j, l in enumerate(idx):
         kept[l], budgets[l], scores[l] = sub.kept[j], sub.budgets[j], sub.scores[j]
     info = {k: _spread_over_layers(np.asarray(v), idx, L) for k, v in sub.info.items()}
-    info["evictable_layers"] = evictable.copy()
+    info[EVICTABLE_LAYERS] = evictable.copy()
     return Selection(kept=kept, budgets=budgets, scores=scores, info=info), sub
 
 
