@@ -173,8 +173,9 @@ def text_to_image_scores(trace: Trace, layer: int) -> np.ndarray:
     attention the captured text queries give it."""
     out = np.full(trace.seq_len, np.nan)
     vpos = trace.layout.vision_positions
-    if "vision_scores" in trace.selection_info:
-        out[vpos] = trace.selection_info["vision_scores"][layer]
+    details = trace.tgv_details()
+    if details is not None:
+        out[vpos] = details.vision_scores[layer]
     elif trace.query_rows is not None:
         text_q = ~trace.layout.is_vision[np.asarray(trace.query_positions)]
         out[vpos] = np.asarray(trace.query_rows[layer], dtype=np.float64)[text_q][:, vpos].sum(axis=0)

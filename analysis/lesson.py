@@ -266,14 +266,14 @@ def step_budgets(li: LessonInput) -> LessonStep:
     L, T = t.num_layers, t.seq_len
     budgets = np.asarray(t.budgets if t.budgets is not None else np.full(L, T))
     uniform = t.keep_ratio * T
-    mass = t.selection_info.get("tvb_mass")
-    if mass is None:
+    details = t.tgv_details()
+    if details is None:
         hi, lo = int(np.argmax(budgets)), int(np.argmin(budgets))
         text = (f"This run used **{t.method}**, which records no text→image mass: its budgets range from "
                 f"{budgets[lo]} (layer {lo}) to {budgets[hi]} (layer {hi}) against a uniform {uniform:.0f}. "
                 "Build the lesson with TGV-KV to see text-guided budgets.")
         return LessonStep(key, title, text, None, None, "no figure")
-    mass = np.asarray(mass, dtype=np.float64)
+    mass = np.asarray(details.tvb_mass, dtype=np.float64)
     share = mass / max(mass.sum(), 1e-12)
     hi, lo = int(np.argmax(share)), int(np.argmin(share))
     capped = np.flatnonzero(budgets >= T) if t.keep_ratio < 1 else np.zeros(0, int)
@@ -312,7 +312,8 @@ def step_budgets(li: LessonInput) -> LessonStep:
 
 
 def _weights(t: Trace) -> tuple[np.ndarray, np.ndarray] | None:
-    w = t.selection_info.get("text_weights")
+    details = t.tgv_details()
+    w = None if details is None else details.text_weights
     q = t.layout.text_query_positions
     if w is None or np.asarray(w).shape[-1] != len(q):
         return None

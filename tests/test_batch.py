@@ -98,7 +98,8 @@ def test_sliding_window_models_are_refused():
 
 def test_multi_token_append_on_the_packed_cache_equals_token_by_token(llava):
     """The per-layer validity mask combines with the causal mask when several tokens are appended at once."""
-    from tgvkv.batch import BatchCache, _prefill_one, pack_caches
+    from tgvkv.batch import PREFILL_OPTIONS, BatchCache, pack_caches, prefill_sample
+    from tgvkv.steps import check_request
     from tgvkv.capture import Recorder, recording
     from tgvkv.policies import make_policy
 
@@ -111,10 +112,11 @@ def test_multi_token_append_on_the_packed_cache_equals_token_by_token(llava):
     new = torch.tensor([[7, 8], [9, 10], [11, 12]])
 
     def packed():
-        parts = [_prefill_one(model, proc, it, pol, 0.3, torch.device("cpu")) for it in items]
+        parts = [prefill_sample(model, proc, check_request(proc, it.images, it.question, pol, 0.3, PREFILL_OPTIONS))
+                 for it in items]
         masks: dict = {}
-        layers, _, _ = pack_caches([p[0] for p in parts], 4)
-        starts = torch.tensor([p[2] for p in parts])
+        layers, _, _ = pack_caches([p.cache for p in parts], 4)
+        starts = torch.tensor([p.start for p in parts])
         return BatchCache(layers, masks), masks, starts
 
     cache, masks, starts = packed()

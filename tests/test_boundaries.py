@@ -3,8 +3,9 @@ imports (`tgvkv.select`, the policies, `analysis`) do not load torch, transforme
 
 The graph is read from the source (AST, every import incl. the ones inside functions), at the granularity of the
 design card: `app`, `analysis`, `analysis.webapp`, each `tgvkv.<subpackage>`, and the `tgvkv` top-level modules in
-two layers: `tgvkv.core`, the foundation the policies build on (token layout, attention statistics, images, traces,
-input checks), and `tgvkv`, the engine and facade (selection runner, generation, cache, capture, loading, CLI).
+two layers: `tgvkv.core`, the foundation the policies build on (token layout, attention statistics, images,
+input checks), and `tgvkv`, the engine and facade (selection runner, traces, generation steps, cache, capture,
+loading, CLI).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 #: top-level tgvkv modules the policies may import: numpy/PIL only, nothing from tgvkv outside this group
-CORE = {"layout", "stats", "errors", "images", "vocabulary", "validation", "geometry", "families", "trace"}
+CORE = {"layout", "stats", "errors", "images", "vocabulary", "validation", "geometry", "families"}
 LIBRARY = ("tgvkv",)
 FORBIDDEN_FOR_LIBRARY = ("analysis", "analysis.webapp", "app")
 
@@ -192,12 +193,14 @@ def test_light_imports_do_not_load_torch():
 def test_heavy_exports_resolve_on_first_use():
     """`from tgvkv import generate` still works: the lazy names are the real objects, and dir() lists them."""
     import tgvkv
-    from tgvkv import generation, images, loading, trace
+    from tgvkv import capture, generation, images, loading, trace
 
     assert tgvkv.generate is generation.generate and tgvkv.compare is generation.compare
+    assert tgvkv.capturing is capture.capturing
     assert tgvkv.RunOptions is generation.RunOptions and tgvkv.CaptureOptions is generation.CaptureOptions
     assert tgvkv.load_demo_model is loading.load_demo_model and tgvkv.Trace is trace.Trace
     assert tgvkv.load_image is images.load_image_file
     assert set(tgvkv.LAZY_EXPORTS) <= set(tgvkv.__all__) and set(tgvkv.__all__) <= set(dir(tgvkv))
+    assert [name for name in tgvkv.__all__ if getattr(tgvkv, name, None) is None] == []
     with pytest.raises(AttributeError, match="has no attribute 'generat'"):
         tgvkv.generat  # noqa: B018 - a typo stays an AttributeError

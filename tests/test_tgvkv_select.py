@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import tgvkv
 from tgvkv.policies import make_policy
-from tgvkv.policies.tgv_kv import OfficialDecodeRule
+from tgvkv.policies.decode_rules import OfficialDecodeRule
 
 U = 1 / 8
 FAST = settings(max_examples=80, deadline=None)

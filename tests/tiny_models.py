@@ -66,6 +66,9 @@ def random_image(seed: int = 0, size: tuple[int, int] = (40, 32)) -> Image.Image
 @contextlib.contextmanager
 def attn(model, name: str):
     """Temporarily switch the language model's attention implementation (e.g. "sdpa", "tgvkv", "tgvkv_eager")."""
+    from tgvkv import capture
+
+    capture.register()  # the capturing functions are registered on first use, not on import
     old = model.config.get_text_config(decoder=True)._attn_implementation
     model.set_attn_implementation({"text_config": name})
     try:

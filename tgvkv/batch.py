@@ -27,13 +27,12 @@ import torch
 from PIL import Image
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import hf_compat
+from . import hf_compat, steps
 from .cache import EvictingCache
-from .capture import Recorder, recording
-from .generation import CaptureOptions, _eos_ids, _select, _stat_request, _sync, build_layout, validate_question
-from .images import normalise_image
-from .policies import Policy, check_keep_ratio, make_policy
-from .stats import column_positions
+from .capture import Recorder, capturing, recording
+from .options import MINIMAL_CAPTURE, RunOptions
+from .policies import Policy, make_policy
+from .steps import Request, check_request, eos_ids
 
 
 @dataclass
@@ -157,32 +156,31 @@ def pack_caches(caches: Sequence[EvictingCache], extra: int) -> tuple[list[Padde
 
 
 # -- generation ----------------------------------------------------------------------------------------------------
-def _prefill_one(model, processor, item: BatchItem, pol: Policy | None, keep_ratio: float, device):
-    """Batch-1 prefill + selection + eviction, as the engine does (diagnostics off). Returns (cache, logits, T, kept)."""
-    images = [normalise_image(im) for im in item.images]  # the same intake as generate (tgvkv.images)
-    prompt = hf_compat.render_prompt(processor, item.question, len(images))
-    inputs = hf_compat.process_inputs(processor, images, prompt, device, model.dtype)
-    layout = build_layout(model.config, processor, inputs["input_ids"], inputs, images)
-    T = layout.seq_len
-    L = hf_compat.model_facts(model.config).num_layers
-    request = _stat_request(pol, layout, CaptureOptions(diagnostics=False, hidden_states=False))
-    rec = Recorder(query_positions=request.query_positions,
-                   column_positions=column_positions(request, layout.text_positions, T),
-                   stat_dtype=model.dtype if request.model_dtype else None)
-    cache = EvictingCache(config=model.config)
-    with torch.inference_mode(), recording(rec):
-        out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    evictable = np.array([cache.evictable(l) for l in range(L)])
-    if not evictable.all():
+PREFILL_OPTIONS = RunOptions(max_new_tokens=1)  # greedy; the steps' prefill picks token 1, decoding is batched here
+
+
+@dataclass
+class SamplePrefill:
+    """One sample after its batch-1 prefill and eviction (the same steps `tgvkv.generate` runs, diagnostics off)."""
+
+    cache: EvictingCache
+    first_logits: torch.Tensor  # (1, V)
+    start: int  # position of its first generated token
+    prompt_length: int
+    kept: list[np.ndarray]  # [l] kept prompt positions
+    kv_bytes_full: int
+
+
+def prefill_sample(model: torch.nn.Module, processor: Any, request: Request) -> SamplePrefill:
+    prompt = steps.build_prompt(model, processor, request)
+    pre = steps.prefill(model, prompt, request.policy, MINIMAL_CAPTURE, request.options)
+    if not pre.cache.evictable_layers().all():
         raise ValueError("batched decoding supports full-attention language models only (this one has sliding-window "
-                         "layers); use tgvkv.generation.generate per sample")
-    full_bytes = int(cache.kv_bytes().sum())
-    if pol is not None:
-        kept = _select(pol, rec.prefill_stats(L, T), layout, keep_ratio, evictable)[0].kept
-        cache.keep_positions(kept)
-    else:
-        kept = [np.arange(T)] * L
-    return cache, out.logits[:, -1], _next_position(model, T), T, kept, full_bytes
+                         "layers); use tgvkv.generate per sample")
+    chosen = steps.evict(pre, request.policy, prompt.layout, request.keep_ratio)
+    T = prompt.layout.seq_len
+    return SamplePrefill(pre.cache, pre.first_logits, _next_position(model, T), T, list(chosen.selection.kept),
+                         int(chosen.kv_bytes_full.sum()))
 
 
 def _next_position(model, T: int) -> int:
@@ -212,49 +210,49 @@ def generate_batch(
         raise ValueError("no items to generate for")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    for it in items:
-        validate_question(it.question, processor)
-    keep_ratio = check_keep_ratio(keep_ratio) if policy is not None else 1.0
     pol = make_policy(policy, **(policy_options or {})) if policy is not None else None
-    if not hf_compat.capture_enabled(model):
-        hf_compat.enable_capture(model)
+    requests = [check_request(processor, it.images, it.question, pol, keep_ratio, PREFILL_OPTIONS) for it in items]
+    hf_compat.model_facts(model.config)
     device = hf_compat.language_device(model)
-    timings: dict[str, float] = {}
+    with capturing(model):
+        return _generate_batch(model, processor, requests, max_new_tokens, ignore_eos, return_logits, device)
 
-    _sync(device)
+
+def _generate_batch(model, processor, requests: list[Request], max_new_tokens: int, ignore_eos: bool,
+                    return_logits: bool, device: torch.device) -> BatchResult:
+    timings: dict[str, float] = {}
+    steps.sync_device(device)
     t0 = time.perf_counter()
-    parts = [_prefill_one(model, processor, it, pol, keep_ratio, device) for it in items]
-    _sync(device)
-    timings["prefill_s"] = time.perf_counter() - t0
-    caches, first_logits, starts, lengths, kept, full_bytes = zip(*parts)
-    kept_bytes = int(sum(int(c.kv_bytes().sum()) for c in caches))
+    samples = [prefill_sample(model, processor, r) for r in requests]
+    timings["prefill_s"] = steps.elapsed(t0, device)
+    kept_bytes = int(sum(int(p.cache.kv_bytes().sum()) for p in samples))
 
     t1 = time.perf_counter()
     key_masks: dict[int, torch.Tensor] = {}
-    layers, padded, prompt_bytes = pack_caches(caches, max_new_tokens)
-    del caches, parts
+    layers, padded, prompt_bytes = pack_caches([p.cache for p in samples], max_new_tokens)
     cache = BatchCache(layers, key_masks)
     batch_bytes = int(cache.kv_bytes().sum())
-    _sync(device)
-    timings["pack_s"] = time.perf_counter() - t1
+    timings["pack_s"] = steps.elapsed(t1, device)
 
-    ids, logits = _greedy(model, cache, torch.cat(first_logits), torch.as_tensor(starts, device=device),
-                          max_new_tokens, key_masks, return_logits, None if ignore_eos else _eos_ids(model), timings)
-    eos = _eos_ids(model)
+    first_logits = torch.cat([p.first_logits for p in samples])
+    starts = torch.as_tensor([p.start for p in samples], device=device)
+    eos = eos_ids(model)
+    ids, logits = _greedy(model, cache, first_logits, starts, max_new_tokens, key_masks, return_logits,
+                          None if ignore_eos else eos, timings)
     token_ids = [_trim(row, eos, ignore_eos) for row in ids]
     tok = processor.tokenizer
-    B, G = len(items), ids.shape[1]
+    B, G = len(requests), ids.shape[1]
     timings["new_tokens"] = float(sum(len(t) for t in token_ids))
     timings["decode_tokens_per_s"] = B * (G - 1) / timings["decode_s"] if G > 1 and timings["decode_s"] > 0 else 0.0
     timings["total_s"] = timings["prefill_s"] + timings["pack_s"] + timings["decode_s"]
     return BatchResult(
         token_ids=token_ids,
         texts=[tok.decode(t.tolist(), skip_special_tokens=True).strip() for t in token_ids],
-        prompt_lengths=np.asarray(lengths, dtype=np.int64),
-        kept=[list(k) for k in kept],
-        budgets=np.array([[len(k) for k in ks] for ks in kept], dtype=np.int64),
+        prompt_lengths=np.asarray([p.prompt_length for p in samples], dtype=np.int64),
+        kept=[p.kept for p in samples],
+        budgets=np.array([[len(k) for k in p.kept] for p in samples], dtype=np.int64),
         padded_lengths=padded,
-        kv_bytes_full=int(sum(full_bytes)),
+        kv_bytes_full=int(sum(p.kv_bytes_full for p in samples)),
         kv_bytes_kept=kept_bytes,
         kv_bytes_batch=batch_bytes,
         kv_bytes_batch_prompt=int(prompt_bytes),
@@ -276,7 +274,7 @@ def _greedy(model, cache: BatchCache, first_logits, starts, max_new_tokens, key_
     eos_t = torch.as_tensor(sorted(eos), device=device) if eos else None
     done = torch.isin(nxt, eos_t) if eos_t is not None else None
     rec = Recorder(key_masks=key_masks)
-    _sync(device)
+    steps.sync_device(device)
     t0 = time.perf_counter()
     g = 1
     with torch.inference_mode(), recording(rec):
@@ -294,8 +292,7 @@ def _greedy(model, cache: BatchCache, first_logits, starts, max_new_tokens, key_
             if done is not None:
                 done |= torch.isin(nxt, eos_t)
             g += 1
-    _sync(device)
-    timings["decode_s"] = time.perf_counter() - t0
+    timings["decode_s"] = steps.elapsed(t0, device)
     timings["decode_steps"] = float(g - 1)
     logits = torch.stack(step_logits, dim=1) if return_logits else None
     return out_ids[:, :g].cpu().numpy(), logits

@@ -7,11 +7,16 @@ Two attention functions are registered for the language model:
 Both read what to record from the `Recorder` made active with `recording(...)` (a context variable, so concurrent
 requests in different threads never share one). With no active recorder they behave like plain SDPA / eager.
 Both also repair the one thing a ragged (per-layer evicted) cache breaks: a mask sized for layer 0.
+
+`capturing(model)` routes a model's language attention through "tgvkv" for the duration of a run and restores the
+caller's attention implementation on exit (also on error); the functions are registered on first use, not on import.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -70,6 +75,11 @@ class Recorder:
         dtype = str(self.stat_dtype).replace("torch.", "") if self.stat_dtype is not None else None
         return PrefillStats(rows=rows, query_positions=self.query_positions, column_sums=colsums, column_mask=mask,
                             dtype=dtype)
+
+    def take_decode_rows(self) -> dict[int, torch.Tensor]:
+        """The newest single-token forward's rows (layer -> (S,)), removed from the recorder."""
+        rows, self.decode_rows = self.decode_rows, {}
+        return rows
 
     def full_maps_array(self, num_layers: int) -> np.ndarray | None:
         if not self.maps:
@@ -300,11 +310,63 @@ def tgvkv_eager_attention(module, query, key, value, attention_mask, dropout=0.0
 
 
 def register() -> None:
-    """Register both functions (and their mask builders: without those, transformers builds no mask at all)."""
+    """Register both functions (and their mask builders: without those, transformers builds no mask at all).
+
+    Idempotent. Registering adds two names to transformers' registries; it changes no model by itself."""
     AttentionInterface.register(SDPA_NAME, tgvkv_sdpa_attention)
     AttentionMaskInterface.register(SDPA_NAME, sdpa_mask)
     AttentionInterface.register(EAGER_NAME, tgvkv_eager_attention)
     AttentionMaskInterface.register(EAGER_NAME, eager_mask)
 
 
-register()
+# -- routing a model through the capturing functions, for one run -------------------------------------------------
+CAPTURE_NAMES = (SDPA_NAME, EAGER_NAME)
+
+
+@dataclass
+class _Routing:
+    previous: str | None  # the language model's attention implementation before the first run entered
+    runs: int = 0  # runs inside `capturing` right now (concurrent requests share one model in the app)
+
+
+_ROUTING_LOCK = threading.Lock()
+_ROUTINGS: "weakref.WeakKeyDictionary[torch.nn.Module, _Routing]" = weakref.WeakKeyDictionary()
+
+
+def language_attention(model: torch.nn.Module) -> str | None:
+    """The attention implementation the language model uses now ("sdpa", "eager", "tgvkv", ...)."""
+    return model.config.get_text_config(decoder=True)._attn_implementation
+
+
+def route(model: torch.nn.Module, name: str | None) -> None:
+    """Set the language model's attention implementation (the vision tower is left alone)."""
+    model.set_attn_implementation({"text_config": name})
+
+
+@contextlib.contextmanager
+def capturing(model: torch.nn.Module, eager_reference: bool = False) -> Iterator[torch.nn.Module]:
+    """Route `model`'s language attention through the capturing function while inside; restore it on exit.
+
+    Output is unchanged (SDPA, or eager for `eager_reference`); statistics are recorded only inside `recording`.
+    Re-entrant and thread-safe: concurrent runs on one model share the routing, and the last one out restores the
+    caller's implementation, also when a run raises. A model the caller routed for good (`tgvkv.hf_compat.
+    enable_capture`) is left as it is.
+    """
+    register()
+    with _ROUTING_LOCK:
+        routing = _ROUTINGS.get(model)
+        if routing is None and language_attention(model) not in CAPTURE_NAMES:
+            previous = language_attention(model)
+            route(model, EAGER_NAME if eager_reference else SDPA_NAME)
+            routing = _ROUTINGS[model] = _Routing(previous)
+        if routing is not None:
+            routing.runs += 1
+    try:
+        yield model
+    finally:
+        if routing is not None:
+            with _ROUTING_LOCK:
+                routing.runs -= 1
+                if routing.runs == 0:
+                    del _ROUTINGS[model]
+                    route(model, routing.previous)

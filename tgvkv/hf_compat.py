@@ -86,17 +86,19 @@ def _check_architecture(config: Any, text_cfg: Any, model_type: str, layer_types
 
 
 def enable_capture(model: torch.nn.Module, eager_reference: bool = False) -> None:
-    """Route the language model's attention through the capturing function; the vision tower is left alone.
+    """Route the language model's attention through the capturing function for good (the vision tower is left alone).
 
-    Call once after loading. Output is unchanged (SDPA); statistics are recorded only inside `capture.recording`.
+    Not needed for `tgvkv.generate` / `compare` / `generate_batch`, which route the model only while they run
+    (`tgvkv.capture.capturing`) and leave it as they found it. For code that drives forwards itself, or to pin the
+    eager reference (`eager_reference=True`) across runs. Output is unchanged; statistics are recorded only inside
+    `capture.recording`.
     """
-    name = capture.EAGER_NAME if eager_reference else capture.SDPA_NAME
-    model.set_attn_implementation({"text_config": name})
+    capture.register()
+    capture.route(model, capture.EAGER_NAME if eager_reference else capture.SDPA_NAME)
 
 
 def capture_enabled(model: torch.nn.Module) -> bool:
-    impl = model.config.get_text_config(decoder=True)._attn_implementation
-    return impl in (capture.SDPA_NAME, capture.EAGER_NAME)
+    return capture.language_attention(model) in capture.CAPTURE_NAMES
 
 
 def language_device(model: torch.nn.Module) -> torch.device:

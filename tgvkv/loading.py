@@ -113,8 +113,7 @@ def load_model(name_or_path: str | Path, options: LoadOptions = LoadOptions()) -
     hf_compat.model_facts(model.config)  # clear error for configs without an image token / text config
     if not options.device_map:
         model.to(device)
-    model.eval()
-    hf_compat.enable_capture(model)
+    model.eval()  # attention stays the model's own (SDPA): runs route it through capture only while they last
     return model, processor
 
 

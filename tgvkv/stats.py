@@ -59,6 +59,11 @@ class PrefillStats:
     def seq_len(self) -> int:
         return int(self.rows.shape[2])
 
+    def layers(self, idx: np.ndarray) -> "PrefillStats":
+        """The same statistics for a subset of the layers (e.g. the evictable layers of a hybrid model)."""
+        colsums = None if self.column_sums is None else self.column_sums[idx]
+        return PrefillStats(self.rows[idx], self.query_positions, colsums, self.column_mask, self.dtype)
+
     def rows_for(self, positions: np.ndarray) -> np.ndarray:
         """(L, len(positions), T) rows of the given query positions; raises if one was not captured."""
         idx = np.searchsorted(self.query_positions, positions)

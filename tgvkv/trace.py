@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .layout import TokenLayout
+from .policies import EVICTABLE_LAYERS, TGVDetails, method_kind
 
 TRACE_FORMAT = "tgvkv-trace/1"
 TEXT, VISION = 0, 1  # modality indices of block_sums
@@ -47,7 +48,8 @@ class Trace:
     budgets: np.ndarray | None = None  # (L,) int64 kept prompt tokens per layer
     kept_mask: np.ndarray | None = None  # (L, T) bool, kept after prefill eviction
     scores: np.ndarray | None = None  # (L, T) float32 the policy's ranking scores (NaN where unranked)
-    selection_info: dict[str, np.ndarray] = field(default_factory=dict)  # per-method arrays (tvb_mass, ...)
+    # per-method arrays, as the policy wrote them (read TGV-KV's through `tgv_details()`)
+    selection_info: dict[str, np.ndarray] = field(default_factory=dict)
     # -- attention summaries (head-averaged prefill attention) -------------------------------------------------
     block_sums: np.ndarray | None = None  # (L, 2, 2) float32 [query modality, key modality], TEXT=0, VISION=1
     query_positions: np.ndarray | None = None  # (Q,) int64 positions of the captured query rows
@@ -85,9 +87,16 @@ class Trace:
 
     def evictable_layers(self) -> np.ndarray:
         """(L,) bool: False for layers the engine never evicts (e.g. Gemma 3's sliding-window layers, which keep their
-        own window); recorded in ``selection_info["evictable_layers"]`` when some layer is not evictable."""
-        mask = self.selection_info.get("evictable_layers")
+        own window); recorded in ``selection_info`` (`policies.EVICTABLE_LAYERS`) when some layer is not evictable."""
+        mask = self.selection_info.get(EVICTABLE_LAYERS)
         return np.ones(self.num_layers, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+
+    def tgv_details(self) -> TGVDetails | None:
+        """The typed record of a TGV-KV selection (tgv-kv and every ablation write one); None for other methods and
+        for method names this process has not registered. ValueError when a TGV-KV run's record is incomplete."""
+        if method_kind(self.method) not in ("tgv", "tgv-ablation"):
+            return None
+        return TGVDetails.from_info(self.selection_info)
 
     def largest_evicted_layer(self) -> int:
         """Among the evictable layers, the one with the largest budget (ties: the deepest): where diagnostics open,

@@ -1,8 +1,9 @@
 """The Explain tab: a guided TVB -> TWR -> TPR walkthrough of the current run, computed from its trace.
 
-For a TGV-KV run the numbers are the ones the policy used (``trace.selection_info``). For any other method the same
-quantities are recomputed from the captured text-query attention rows, so a visitor can see what TGV-KV *would* have
-looked at, next to what the chosen method actually kept.
+Every number comes from TGV-KV's own code: for a run whose policy ranked vision by TWR (tgv-kv and the ablations
+that keep TWR) the ones its selection recorded (`Trace.tgv_details`); for any other method the same policy functions
+(`TGVKV.vision_scores`, `blocks.tvb_statistic`) applied to the text-query attention rows the trace stored, so a
+visitor can see what TGV-KV *would* have looked at, next to what the chosen method actually kept.
 """
 from __future__ import annotations
 
@@ -13,40 +14,67 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from tgvkv.policies import TGVKV, blocks
+from tgvkv.stats import PrefillStats
 from tgvkv.trace import Trace
 
 if TYPE_CHECKING:
     from .state import RunState
 
 FONT = dict(size=17)  # projector-readable
+TOP_TEXT = 3  # heaviest text tokens named in step 2
 
 
 @dataclass
 class TGVQuantities:
-    """TVB mass per layer, TWR text weights and vision scores (as in tgvkv/policies/tgv_kv.py)."""
+    """TVB mass per layer, TWR text weights and vision scores (`TGVDetails`' arrays, as float64)."""
 
     mass: np.ndarray  # (L,) text->vision attention mass s_l
     text_positions: np.ndarray  # (Q,) the text queries after the first image (official "post" region)
     text_weights: np.ndarray  # (L, Q) w_k: attention a text token receives from later text, per seeing query
     vision_scores: np.ndarray  # (L, V) sum_q TI[q, v] * w_q
-    from_policy: bool  # True: read from the TGV-KV selection; False: recomputed from captured attention rows
+    from_policy: bool  # True: read from the run's own selection record; False: TGV-KV's functions on stored rows
 
 
 def tgv_quantities(trace: Trace) -> TGVQuantities:
-    lay = trace.layout
-    q = lay.text_query_positions
-    info = trace.selection_info
-    if all(k in info for k in ("tvb_mass", "text_weights", "vision_scores")):
-        return TGVQuantities(np.asarray(info["tvb_mass"], float), q, np.asarray(info["text_weights"], float),
-                             np.asarray(info["vision_scores"], float), True)
+    q = trace.layout.text_query_positions
+    details = trace.tgv_details()
+    if details is not None and details.text_weights is not None:  # the run ranked vision by TWR: its own numbers
+        return TGVQuantities(np.asarray(details.tvb_mass, float), q, np.asarray(details.text_weights, float),
+                             np.asarray(details.vision_scores, float), True)
     if trace.query_rows is None or trace.query_positions is None or not np.all(np.isin(q, trace.query_positions)):
         raise ValueError("the trace holds no attention rows for the text queries; cannot explain text grounding")
-    rows = np.asarray(trace.query_rows, dtype=np.float64)[:, np.searchsorted(trace.query_positions, q), :]  # (L, Q, T)
-    ti = rows[:, :, lay.vision_positions]  # (L, Q, V)
-    tt = rows[:, :, q]  # (L, Q, Q)
-    seeing = (q[:, None] >= q[None, :]).sum(axis=0)  # queries that can see each text key
-    w = tt.sum(axis=1) / np.maximum(seeing, 1)
-    return TGVQuantities(ti.sum(axis=(1, 2)), q, w, np.einsum("lqv,lq->lv", ti, w), False)
+    stats = PrefillStats(rows=np.asarray(trace.query_rows), query_positions=np.asarray(trace.query_positions))
+    vision, weights = TGVKV().vision_scores(stats, trace.layout)
+    return TGVQuantities(blocks.tvb_statistic(stats, trace.layout), q, weights, vision, False)
+
+
+@dataclass
+class ExplainNumbers:
+    """Every number the walkthrough quotes or draws besides the patch overlay, from the trace alone."""
+
+    quantities: TGVQuantities
+    share: np.ndarray  # (L,) each layer's share of the text->vision attention mass
+    budgets: np.ndarray  # (L,) kept prompt tokens per layer: the run's own budgets, whatever its method
+    mean_text_weights: np.ndarray  # (Q,) text weight of each text query, averaged over layers
+    top_text: np.ndarray  # (TOP_TEXT,) indices into `quantities.text_positions`, heaviest first
+    text_kept: np.ndarray  # (L,) text tokens the run kept per layer
+
+
+def explain_numbers(trace: Trace) -> ExplainNumbers:
+    """The walkthrough's numbers; ValueError when the trace cannot explain text grounding (no text-query rows)."""
+    tq = tgv_quantities(trace)
+    L, T = trace.num_layers, trace.seq_len
+    kept = trace.kept_mask if trace.kept_mask is not None else np.ones((L, T), bool)
+    w = tq.text_weights.mean(axis=0)
+    return ExplainNumbers(
+        quantities=tq,
+        share=tq.mass / max(tq.mass.sum(), 1e-12),
+        budgets=trace.budgets if trace.budgets is not None else np.full(L, T),
+        mean_text_weights=w,
+        top_text=np.argsort(-w)[:TOP_TEXT],
+        text_kept=kept[:, ~trace.layout.is_vision].sum(axis=1),
+    )
 
 
 def _place(row: int, col: int, rows: int, cols: int) -> str:
@@ -62,13 +90,12 @@ def _token(tokens: list[str], p: int) -> str:
     return t.replace("▁", " ").replace("Ġ", " ").strip() or "␣"
 
 
-def tvb_figure(trace: Trace, tq: TGVQuantities) -> go.Figure:
+def tvb_figure(trace: Trace, nums: ExplainNumbers) -> go.Figure:
     from analysis import palette
     from analysis.ticks import integer_ticks
 
     L, T = trace.num_layers, trace.seq_len
-    share = tq.mass / max(tq.mass.sum(), 1e-12)
-    budgets = trace.budgets if trace.budgets is not None else np.full(L, T)
+    share, budgets = nums.share, nums.budgets
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Bar(x=np.arange(L), y=share * 100, name="share of text→image attention (%)",
                          marker_color=palette.VISION, hovertemplate="layer %{x}: %{y:.1f}%<extra></extra>"),
@@ -86,13 +113,13 @@ def tvb_figure(trace: Trace, tq: TGVQuantities) -> go.Figure:
     return fig
 
 
-def twr_figure(trace: Trace, tq: TGVQuantities, top: int = 3) -> go.Figure:
+def twr_figure(trace: Trace, nums: ExplainNumbers) -> go.Figure:
     from analysis import palette
 
     tokens = list(trace.layout.tokens)
-    w = tq.text_weights.mean(axis=0)
-    labels = [f"{_token(tokens, p)} @{p}" for p in tq.text_positions]
-    best = set(np.argsort(-w)[:top].tolist())
+    w = nums.mean_text_weights
+    labels = [f"{_token(tokens, p)} @{p}" for p in nums.quantities.text_positions]
+    best = set(nums.top_text.tolist())
     colours = [palette.HIGHLIGHT if i in best else palette.TEXT for i in range(len(w))]
     fig = go.Figure(go.Bar(x=w, y=labels, orientation="h", marker_color=colours,
                            hovertemplate="%{y}: weight %{x:.3f}<extra></extra>"))
@@ -112,10 +139,11 @@ def walkthrough(run: "RunState") -> dict[str, Any]:
     n_text, n_vis = T - lay.n_vision, lay.n_vision
     out: dict[str, Any] = {"tvb_figure": None, "twr_figure": None, "tpr_image": None}
     try:
-        tq = tgv_quantities(trace)
+        nums = explain_numbers(trace)
     except ValueError as e:
         out.update(intro=f"### Walkthrough unavailable\n{e}", tvb="", twr="", tpr="")
         return out
+    tq = nums.quantities
     source = ("These are the numbers TGV-KV used for this run." if tq.from_policy else
               f"This run used **{trace.method}**, not TGV-KV: the numbers below are what TGV-KV *would* compute from "
               "the same attention; the budgets and kept patches shown are the ones **" + trace.method + "** chose.")
@@ -127,12 +155,11 @@ def walkthrough(run: "RunState") -> dict[str, Any]:
         "image patches, **TPR** protects the text. " + source)
 
     # Step 1: TVB
-    share = tq.mass / max(tq.mass.sum(), 1e-12)
-    budgets = trace.budgets if trace.budgets is not None else np.full(L, T)
+    share, budgets = nums.share, nums.budgets
     order = np.argsort(-share)
     hi, lo = int(order[0]), int(order[-1])
     capped = np.flatnonzero(budgets >= T)
-    out["tvb_figure"] = tvb_figure(trace, tq)
+    out["tvb_figure"] = tvb_figure(trace, nums)
     out["tvb"] = (
         "#### Step 1 · TVB, text-vision budgeting: which layers get memory\n"
         f"Each layer's budget is proportional to how much attention its text tokens pay to the image. "
@@ -152,10 +179,9 @@ def walkthrough(run: "RunState") -> dict[str, Any]:
 
     # Step 2: TWR
     tokens = list(lay.tokens)
-    w = tq.text_weights.mean(axis=0)
-    top = np.argsort(-w)[:3]
-    names = ", ".join(f"**{_token(tokens, int(tq.text_positions[i]))!s}** ({w[i]:.2f})" for i in top)
-    out["twr_figure"] = twr_figure(trace, tq)
+    w = nums.mean_text_weights
+    names = ", ".join(f"**{_token(tokens, int(tq.text_positions[i]))!s}** ({w[i]:.2f})" for i in nums.top_text)
+    out["twr_figure"] = twr_figure(trace, nums)
     out["twr"] = (
         "#### Step 2 · TWR, text-weighted ranking: which words count\n"
         "An image patch scores the attention it gets from each text token, weighted by how important that text token "
@@ -167,8 +193,7 @@ def walkthrough(run: "RunState") -> dict[str, Any]:
 
     # Step 3: TPR + winners
     layer = run.default_layer()
-    kept = trace.kept_mask if trace.kept_mask is not None else np.ones((L, T), bool)
-    text_kept = kept[:, ~lay.is_vision].sum(axis=1)
+    text_kept = nums.text_kept
     full_text_layers = np.flatnonzero(text_kept == n_text)
     lost = np.flatnonzero(text_kept < n_text)
     tpr = (f"#### Step 3 · TPR, text-prioritised retention: text first, then the best patches\n"

@@ -12,6 +12,7 @@ from PIL import Image
 
 from tgvkv import POLICIES
 from tgvkv.images import MAX_SIDE, load_image_file, normalise_image
+from tgvkv.policies import method_sort_key
 from tgvkv.validation import validate_question
 
 KEEP_PERCENT_RANGE = (5.0, 100.0)
@@ -91,17 +92,10 @@ def check_layer(layer: Any, num_layers: int) -> int:
 
 def method_choices() -> list[tuple[str, str]]:
     """(label, name) for every registered policy, read at call time: TGV-KV first, then baselines, then ablations."""
-    names = list(POLICIES)
-
-    def kind(n: str) -> tuple[int, str]:
-        return (0 if n == "tgv-kv" else 2 if n.startswith("tgv-") else 1, n)
-
-    out = []
-    for n in sorted(names, key=kind):
-        tag = {0: "TGV-KV (the paper's method)", 1: f"{n} (baseline)", 2: f"{n} (ablation)"}[kind(n)[0]]
-        out.append((tag, n))
-    return out
-
+    labels = {"tgv": "{} (the paper's method)", "baseline": "{} (baseline)", "probe": "{} (probe)",
+              "tgv-ablation": "{} (ablation)"}
+    return [(labels[POLICIES[n].kind].format("TGV-KV" if n == "tgv-kv" else n), n)
+            for n in sorted(POLICIES, key=method_sort_key)]
 
 
 def is_layer(layer: Any, num_layers: int) -> bool:

@@ -80,6 +80,7 @@ def _forward(model, ids: torch.Tensor, variant: str, layout: TokenLayout) -> flo
     from transformers import DynamicCache
 
     impl = {"sdpa": "sdpa", "tgvkv": capture.SDPA_NAME, "tgvkv+diag": capture.SDPA_NAME, "eager": "eager"}[variant]
+    capture.register()
     model.set_attn_implementation(impl)
     rec = recorder_for(layout, diagnostics=variant == "tgvkv+diag") if variant.startswith("tgvkv") else None
     kwargs = {"output_attentions": True} if variant == "eager" else {}

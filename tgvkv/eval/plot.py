@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .runner import FULL, TURNS, method_sort_key
+from ..policies import method_kind, method_sort_key
+from .runner import FULL, TURNS
 
 TURN_LABEL = {"first": "first question", "followup": "follow-up question (2nd turn, evicted cache)"}
 
@@ -29,11 +30,15 @@ def _series(table: Sequence[dict], protocol: str, turn: str) -> tuple[dict[str, 
 
 
 def _groups(methods: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """Figure rows: TGV-KV against the baselines, then TGV-KV against its ablations (when there are any)."""
-    base = [m for m in methods if m == "tgv-kv" or not m.startswith("tgv-")]
-    abl = [m for m in methods if m.startswith("tgv-")]
+    """Figure rows: TGV-KV against the baselines, then TGV-KV against its ablations (when there are any).
+
+    Kinds come from the registry; a method it does not hold (a row of an older results folder) is drawn with the
+    baselines."""
+    kinds = {m: method_kind(m) for m in methods}
+    base = [m for m in methods if kinds[m] != "tgv-ablation"]
+    abl = [m for m in methods if kinds[m] in ("tgv", "tgv-ablation")]
     groups = [("TGV-KV vs baselines", base)]
-    if any(m != "tgv-kv" for m in abl):
+    if any(kinds[m] == "tgv-ablation" for m in abl):
         groups.append(("TGV-KV vs its ablations", abl))
     return groups
 
@@ -45,7 +50,7 @@ _PALETTE = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#
 def _style(method: str, i: int) -> dict:
     if method == "tgv-kv":
         return {"color": "#d62728", "lw": 3.0, "ls": "-", "marker": "o"}
-    ablation = method.startswith("tgv-")
+    ablation = method_kind(method) == "tgv-ablation"
     return {"color": _PALETTE[i % len(_PALETTE)], "lw": 1.6, "ls": "--" if ablation else "-",
             "marker": "s" if ablation else "^"}
 

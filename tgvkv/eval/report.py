@@ -23,7 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .runner import FULL, ROWS, SUMMARY_JSON, keep_str, load_all_rows, method_sort_key
+from ..policies import method_kind, method_sort_key
+from .runner import FULL, ROWS, SUMMARY_JSON, keep_str, load_all_rows
 
 PAPER_ABLATION = {  # LLaVA-1.5, 5%: ChartQA / TextVQA-lite accuracy (paper's ablation table)
     "full KV": ("18.0", "47.9"), "tgv-uniform-window": ("0.4", "8.7"), "tgv-self-attn": ("4.8", "23.5"),
@@ -243,7 +244,7 @@ def claims(rows: dict, summary: dict, protocol: str, turn: str) -> list[str]:
         accs = [tab[(m, keep)]["accuracy"] for m in order]
         tests = [paired(rows, order[i], order[i + 1], keep, protocol, turn) for i in range(2)]
         chain = combine([t["verdict"] for t in tests])
-        ablations = sorted((m for m in methods if m.startswith("tgv-") and m != "tgv-kv" and (m, keep) in tab),
+        ablations = sorted((m for m in methods if method_kind(m) == "tgv-ablation" and (m, keep) in tab),
                            key=method_sort_key)
         if "tgv-evict-text-first" in ablations:
             others = [m for m in ablations if m != "tgv-evict-text-first"]

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..policies import method_sort_key
 from .metrics import score
 from .tasks import DEMO_TASKS, Example, Task, load_task
 
@@ -107,13 +108,6 @@ def available_methods() -> list[str]:
     # `generic` counts only where a class declares it itself: the named ablation rows subclass the skeleton
     out = [name for name, cls in POLICIES.items() if name != FULL and not vars(cls).get("generic", False)]
     return sorted(out, key=method_sort_key)
-
-
-def method_sort_key(name: str) -> tuple[int, str]:
-    """tgv-kv first, then baselines, then the TGV-KV ablations (alphabetical within a group)."""
-    if name == "tgv-kv":
-        return (0, name)
-    return (2 if name.startswith("tgv-") else 1, name)
 
 
 def resolve_methods(methods: Iterable[str]) -> list[str]:

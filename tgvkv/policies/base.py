@@ -7,8 +7,8 @@ into a `Selection` (kept positions per layer) with no model in sight (`select`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -17,6 +17,16 @@ from ..stats import PrefillStats, StatRequest
 
 if TYPE_CHECKING:  # decode rules run on torch tensors; the policies themselves are numpy only
     import torch
+
+#: what a policy is, for ordering and grouping in the app, the evaluator's tables and its figures:
+#: "tgv" TGV-KV itself, "tgv-ablation" a configuration of TGV-KV with components changed (the paper's ablations),
+#: "baseline" another eviction method, "probe" a cache edit that answers a question and is not an eviction method
+Kind = Literal["tgv", "tgv-ablation", "baseline", "probe"]
+KINDS: tuple[Kind, ...] = ("tgv", "tgv-ablation", "baseline", "probe")
+
+#: `Selection.info` key of the (L,) bool mask of the layers the engine evicts, written by the engine (not by a policy)
+#: when some layer keeps its own window (e.g. Gemma 3's sliding layers); read through `Trace.evictable_layers`
+EVICTABLE_LAYERS = "evictable_layers"
 
 
 def check_keep_ratio(keep_ratio: float) -> float:
@@ -84,6 +94,7 @@ class Policy(ABC):
     """Base of all policies. Subclasses are dataclasses whose fields are their hyper-parameters."""
 
     name: ClassVar[str] = ""
+    kind: ClassVar[Kind] = "baseline"
     #: whether the policy also evicts during decoding by default (the `decode` option overrides where supported)
     decodes_by_default: ClassVar[bool] = False
     # a configurable skeleton whose named configurations are registered too (evaluations list those instead);
@@ -102,8 +113,13 @@ class Policy(ABC):
         """The rule for decode-time eviction, or None for prefill-only policies."""
         return None
 
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The hyper-parameters a user may set (`make_policy`'s options) and `describe` reports: every dataclass field,
+        unless a class names fewer (a configuration that fixes some fields)."""
+        return tuple(f.name for f in fields(cls))
+
     def describe(self) -> dict[str, Any]:
         """Name and hyper-parameters, for run cards and traces."""
-        from dataclasses import asdict
-
-        return {"method": self.name, **asdict(self)}
+        values = asdict(self)
+        return {"method": self.name, **{k: values[k] for k in self.option_names()}}

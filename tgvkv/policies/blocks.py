@@ -113,6 +113,14 @@ def evict_lowest(scores: np.ndarray, window: np.ndarray, n_forget: int, seq_len:
     return np.flatnonzero(keep).astype(np.int64)
 
 
+def evict_per_layer(scores: np.ndarray, forget: np.ndarray, sinks: int = OFFICIAL_SINKS) -> list[np.ndarray]:
+    """Kept positions of every layer under the official skeleton (TGV-KV's, which it takes from PrefixKV): the first
+    `sinks` and the last position are always kept, the forget[l] lowest-scored positions in between are evicted."""
+    seq_len = scores.shape[1]
+    window = official_window(seq_len, sinks)
+    return [evict_lowest(scores[l], window, int(forget[l]), seq_len) for l in range(len(forget))]
+
+
 def text_priority_scores(
     vision_scores: np.ndarray, text_scores: np.ndarray, layout: TokenLayout, offset: float = OFFICIAL_TEXT_OFFSET
 ) -> np.ndarray:

@@ -1,10 +1,13 @@
-"""Decode-time eviction rules of the baselines: a fixed per-layer cache budget, one eviction per step.
+"""Decode-time eviction rules: after each decode forward, at most one slot per layer is evicted.
 
-Budget choice (ours, kvpress-style and what StreamingLLM / H2O describe: a fixed-size cache): each layer keeps at
-most its prefill budget; after a decode forward a layer whose cache holds more slots than that budget evicts exactly
-one slot. TGV-KV's official rule (cache grows as N * (1 - ratio_l)) lives in `tgv_kv.OfficialDecodeRule`.
+Two budgets:
+- growing (TGV-KV's official rule, and PrefixKV's): a layer's cache may hold N * (1 - ratio_l) slots, N the tokens
+  so far, so it grows with the text; `OfficialDecodeRule` (every TGV-KV configuration) and `FixedSlotRule` (PrefixKV);
+- fixed (ours for the baselines, kvpress-style and what StreamingLLM / H2O describe: a fixed-size cache): each layer
+  keeps at most its prefill budget; a layer whose cache holds more slots than that evicts exactly one.
 Slots are in position order (kept prompt positions, then generated tokens), never renumbered. All work stays on the
-row's device; victims are returned as 0-d long tensors without host synchronisation.
+row's device; victims are returned as 0-d long tensors without host synchronisation. The policies import this module
+only when a run decodes: it is the one part of `tgvkv.policies` that needs torch.
 """
 from __future__ import annotations
 
@@ -14,7 +17,47 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import blocks
 from .base import DecodeRule
+
+
+@dataclass
+class OfficialDecodeRule(DecodeRule):
+    """TGV-KV's official rule (every configuration of `TGVKV`): one lowest-attention eviction per step in each layer
+    whose cache exceeds N * (1 - ratio_l), searched in the slots after the sinks and before the protected suffix."""
+
+    ratios: np.ndarray  # (L,) official forget fractions, float32 as the official code stores them
+    protected: np.ndarray  # (L,) protected suffix P_l (never updated during decoding, as the official code)
+    sinks: int = blocks.OFFICIAL_SINKS
+
+    def __post_init__(self) -> None:
+        self.ratios = np.asarray(self.ratios, dtype=np.float32)
+
+    def victim(self, layer: int, attn_row: torch.Tensor, cache_len: int, logical_len: int) -> torch.Tensor | None:
+        ratio = self.ratios[layer]
+        if ratio <= 0:
+            return None
+        forget = blocks.official_decode_forget(cache_len, logical_len, ratio)  # float32 as the official, truncated
+        end = cache_len - int(self.protected[layer])
+        if forget <= 0 or end <= self.sinks:
+            return None
+        return self.sinks + torch.argmin(attn_row[self.sinks : end])  # first minimum on ties
+
+
+@dataclass
+class FixedSlotRule(DecodeRule):
+    """PrefixKV: evict the slot at a fixed cache index while trunc(S - N * (1 - ratio_l)) > 0 (float64, as the
+    official PrefixKV code; it borrows this "fixed-point elimination" from ElasticCache)."""
+
+    ratios: np.ndarray  # (L,) forget fractions
+    slots: np.ndarray  # (L,) fixed eviction index per layer
+
+    def victim(self, layer: int, attn_row: torch.Tensor, cache_len: int, logical_len: int) -> torch.Tensor | None:
+        forget = int(cache_len - logical_len * (1.0 - float(self.ratios[layer])))
+        slot = int(self.slots[layer])
+        if forget <= 0 or not 0 <= slot < cache_len - 1:
+            return None
+        return torch.tensor(slot, dtype=torch.long, device=attn_row.device)
 
 
 @dataclass

@@ -7,13 +7,13 @@ bisection on [0, 1] so that the forget counts c_l(m) = max(0, T - (searchsorted_
 add up to within `tolerance` tokens of the target T * L * (1 - keep_ratio); the counts are then rescaled to the
 target and truncated: forget_l = int(c_l * target / sum(c)). Eviction per layer is TGV-KV's skeleton (which comes
 from PrefixKV): keep the first `sinks` positions and the last one, evict the forget_l lowest scores in between
-(ties: lower position first).
+(ties: lower position first), `blocks.evict_per_layer`.
 `layer_ratios` (optional): the paper's offline configuration, per-layer forget fractions averaged over a calibration
 set (the official confs/*.json); then forget_l = round_half_even(ratio_l * T) and no search runs.
 Decoding (default, as the official code): with S the layer's cache length and N the tokens so far, once
 trunc(S - N * (1 - ratio_l)) > 0 (ratio_l = forget_l / T) the slot at the fixed index kept_l + distance (distance < 0;
 kept_l // 2 when that is < 1; distance > 0: that absolute index) is evicted, one per step (the "fixed-point
-elimination" PrefixKV borrows from ElasticCache).
+elimination" PrefixKV borrows from ElasticCache, `decode_rules.FixedSlotRule`).
 Our choices: the bisection stops after 64 halvings when the tolerance is never met (the official loop runs until
 the float interval collapses; the threshold then differs by < 2^-64); arithmetic in float64; the decode slot uses the
 kept count (the official uses T - forget_l, the same unless forget_l exceeds the window); distance = 0 (which would
@@ -22,7 +22,7 @@ evict the newest token) is rejected and a slot that is not older than the newest
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -30,9 +30,6 @@ from ..layout import TokenLayout
 from ..stats import PrefillStats, StatRequest
 from . import blocks
 from .base import DecodeRule, Policy, Selection
-
-if TYPE_CHECKING:
-    import torch
 
 
 def retention_forget_counts(scores: np.ndarray, target: float, protect: int, tolerance: int) -> np.ndarray:
@@ -60,23 +57,6 @@ def retention_forget_counts(scores: np.ndarray, target: float, protect: int, tol
     if c.sum() == 0:
         return c.astype(np.int64)
     return (c * target / c.sum()).astype(np.int64)  # truncation, as astype(np.int32) officially
-
-
-@dataclass
-class FixedSlotRule(DecodeRule):
-    """PrefixKV decode: evict the slot at a fixed cache index while trunc(S - N * (1 - ratio_l)) > 0."""
-
-    ratios: np.ndarray  # (L,) forget fractions
-    slots: np.ndarray  # (L,) fixed eviction index per layer
-
-    def victim(self, layer: int, attn_row: torch.Tensor, cache_len: int, logical_len: int) -> torch.Tensor | None:
-        forget = int(cache_len - logical_len * (1.0 - float(self.ratios[layer])))
-        slot = int(self.slots[layer])
-        if forget <= 0 or not 0 <= slot < cache_len - 1:
-            return None
-        import torch  # decode runs on torch tensors; importing the policy does not need torch
-
-        return torch.tensor(slot, dtype=torch.long, device=attn_row.device)
 
 
 @dataclass
@@ -122,8 +102,7 @@ class PrefixKV(Policy):
         else:
             forget = retention_forget_counts(scores, T * L * (1.0 - keep_ratio), self.sinks + 1, self.tolerance)
             ratios = forget / T
-        window = blocks.official_window(T, self.sinks)
-        kept = [blocks.evict_lowest(scores[l], window, int(forget[l]), T) for l in range(L)]
+        kept = blocks.evict_per_layer(scores, forget, self.sinks)
         budgets = np.array([len(k) for k in kept])
         if self.distance > 0:  # official: an absolute slot index
             slots = np.full(L, self.distance, dtype=np.int64)
@@ -134,6 +113,8 @@ class PrefixKV(Policy):
         return Selection(kept=kept, budgets=budgets, scores=scores, info=info)
 
     def decode_rule(self, selection: Selection, layout: TokenLayout) -> DecodeRule | None:
+        from .decode_rules import FixedSlotRule  # torch: imported when a run decodes, not with the policy
+
         if not self.decode or not np.any(selection.info["forget"] > 0):
             return None
         return FixedSlotRule(selection.info["layer_ratio"].copy(), selection.info["decode_slot"].copy())

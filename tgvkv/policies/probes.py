@@ -13,7 +13,7 @@ import numpy as np
 
 from ..layout import TokenLayout
 from ..stats import PrefillStats, StatRequest
-from .base import Policy, Selection
+from .base import Kind, Policy, Selection
 
 
 @dataclass
@@ -21,6 +21,7 @@ class TextOnly(Policy):
     """Keep all text KV and no image KV (the keep ratio is ignored); no decode-time eviction."""
 
     name: ClassVar[str] = "text-only"
+    kind: ClassVar[Kind] = "probe"
     decodes_by_default: ClassVar[bool] = False
 
     def request(self, layout: TokenLayout) -> StatRequest:
