@@ -67,7 +67,7 @@ class PluginConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        from ...generation import MAX_NEW_TOKENS_LIMIT
+        from ...options import MAX_NEW_TOKENS_LIMIT
         from ...policies import POLICIES, check_keep_ratio
 
         if not isinstance(self.pretrained, str) or not self.pretrained.strip():
@@ -394,7 +394,8 @@ class EngineRunner:
         greedy decoding would produce it (official protocol: its first token comes from the full cache)."""
         import torch
 
-        from ...generation import MAX_NEW_TOKENS_LIMIT, RunOptions, generate
+        from ...generation import RunOptions, generate
+        from ...options import MAX_NEW_TOKENS_LIMIT
 
         if not isinstance(continuation, str) or not continuation:
             raise ValueError(f"{ref}: loglikelihood needs a non-empty continuation, got {continuation!r}")
