@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import random_image, tiny_llava
+from tiny_models import random_image, save_tiny_llava, tiny_llava
 
 import tgvkv
 from tgvkv.cli import main as cli_main
@@ -42,9 +42,7 @@ def _cli(argv: list[str]) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("early")
-    model, proc = tiny_llava(seed=1)
-    model.save_pretrained(root / "model")
-    proc.save_pretrained(root / "model")
+    save_tiny_llava(root / "model")
     random_image(3, (40, 32)).save(root / "image.png")
     return root
 

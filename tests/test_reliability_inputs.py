@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_models import random_image, tiny_llava
+from tiny_models import random_image, save_tiny_llava, tiny_llava
 
 from tgvkv.cli import main as cli_main
 from tgvkv.trace import Trace
@@ -133,9 +133,7 @@ CLI_ROWS = [
 @pytest.fixture(scope="module")
 def cli_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability_cli")
-    model, proc = tiny_llava(seed=1)
-    model.save_pretrained(root / "model")
-    proc.save_pretrained(root / "model")
+    _, proc = save_tiny_llava(root / "model")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     text_only = LlamaForCausalLM(LlamaConfig(vocab_size=len(proc.tokenizer), hidden_size=32, intermediate_size=64,

@@ -58,6 +58,15 @@ def tiny_llava(seed: int = 0, image_size: int = 32, patch: int = 8, layers: int 
     return model, proc
 
 
+def save_tiny_llava(folder, seed: int = 1):
+    """A tiny LLaVA (model + processor) saved as a local model folder, as the CLI and `load_model` read one; returns
+    (model, processor)."""
+    model, proc = tiny_llava(seed=seed)
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return model, proc
+
+
 def random_image(seed: int = 0, size: tuple[int, int] = (40, 32)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))

@@ -22,8 +22,8 @@ LAZY_EXPORTS: dict[str, tuple[str, str]] = {
     "compare": ("tgvkv.generation", "compare"),
     "Result": ("tgvkv.generation", "Result"),
     "Comparison": ("tgvkv.generation", "Comparison"),
-    "RunOptions": ("tgvkv.generation", "RunOptions"),
-    "CaptureOptions": ("tgvkv.generation", "CaptureOptions"),
+    "RunOptions": ("tgvkv.options", "RunOptions"),
+    "CaptureOptions": ("tgvkv.options", "CaptureOptions"),
     "capturing": ("tgvkv.capture", "capturing"),
     "load_model": ("tgvkv.loading", "load_model"),
     "load_demo_model": ("tgvkv.loading", "load_demo_model"),
@@ -53,7 +53,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from .capture import capturing
-    from .generation import CaptureOptions, Comparison, Result, RunOptions, compare, generate
+    from .generation import Comparison, Result, compare, generate
+    from .options import CaptureOptions, RunOptions
     from .images import load_image_file as load_image
     from .loading import LoadOptions, load_demo_model, load_model
     from .trace import Trace

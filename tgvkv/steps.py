@@ -153,8 +153,7 @@ def prefill(model: torch.nn.Module, prompt: Prompt, policy: Policy | None, captu
             torch.manual_seed(options.seed)
         out = model.generate(**prompt.inputs, past_key_values=cache, return_dict_in_generate=True, output_logits=True,
                              output_hidden_states=capture.hidden_states, **generation_kwargs(model, options, 1))
-    sync_device(device)
-    seconds = time.perf_counter() - t0
+    seconds = elapsed(t0, device)
     return Prefill(cache, recorder, out.sequences[:, -1], out.logits[0], _hidden_states(out, capture), seconds)
 
 
