@@ -1,11 +1,13 @@
-"""Demo-model training bookkeeping and model card: lr schedules, stage history, eviction table (no training)."""
+"""Demo-model training bookkeeping and model card: lr schedules, stage history, eviction tables, stage commands,
+export (no training)."""
 
 import json
 import os
 
 import pytest
 
-from tgvkv.demo import evaluate, train
+from tgvkv.demo import card, train
+from tgvkv.demo.card import EvictionColumn
 
 
 def test_lr_schedule_by_steps_matches_warmup_and_decay():
@@ -55,58 +57,160 @@ def _summary(folder, rows):
     os.makedirs(folder, exist_ok=True)
     lines = [",".join(SUMMARY_COLUMNS)]
     for r in rows:
-        full = {c: "0" for c in SUMMARY_COLUMNS}
-        full.update({"protocol": "official", "qtype": "all", "n": "10", "kv_bytes_full": "2048"}, **r)
+        full = {c: "" for c in SUMMARY_COLUMNS}
+        full.update({"protocol": "official", "qtype": "all", "n": "10", "kv_bytes_full": "2048", "kv_bytes_kept": "0",
+                     "draws": "1"}, **r)
         lines.append(",".join(str(full[c]) for c in SUMMARY_COLUMNS))
     (folder / "summary.csv").write_text("\n".join(lines) + "\n")
 
 
-def test_eviction_table_reads_the_evaluator_summary(tmp_path):
-    rows = [{"method": "full", "keep": 1, "turn": t, "accuracy": a} for t, a in (("first", 0.9), ("followup", 0.8))]
-    for i, m in enumerate(evaluate.CARD_EVICTION_METHODS):
-        for k in (0.05, 0.25):
+def _eviction_rows(offset, methods=("tgv-kv", "random", "streamingllm"), keeps=(0.05, 0.25),
+                   protocols=("official",)):
+    rows = [{"method": "full", "keep": 1, "turn": t, "protocol": p, "accuracy": 0.9}
+            for t in ("first", "followup") for p in protocols]
+    for i, m in enumerate(methods):
+        for k in keeps:
             for t in ("first", "followup"):
-                rows.append({"method": m, "keep": k, "turn": t, "accuracy": round(0.1 * i + k, 3),
-                             "kv_bytes_kept": int(2048 * k)})
-    _summary(tmp_path, rows)
-    text = evaluate.eviction_table(str(tmp_path))
-    assert "| method | 5% kept | 25% kept |" in text
-    assert "| text-guided selection (TGV-KV) | 5.0 | 25.0 |" in text
-    assert "| evict text first | 35.0 | 55.0 |" in text
-    assert "n=10; full KV 90.0%" in text and "full KV 80.0%" in text
-    assert "5% -> 0 KiB of 2 KiB, 25% -> 0 KiB of 2 KiB" in text
-    _summary(tmp_path, [r for r in rows if not (r["method"] == "random" and r["keep"] == 0.25)])
-    with pytest.raises(ValueError, match="no row for random at keep 0.25"):
-        evaluate.eviction_table(str(tmp_path))
+                for p in protocols:
+                    rows.append({"method": m, "keep": k, "turn": t, "protocol": p, "accuracy": round(0.1 * i + k + offset, 3),
+                                 "kv_bytes_kept": int(2048 * k)})
+    return rows
+
+
+def test_eviction_table_puts_models_side_by_side_and_bolds_the_best(tmp_path):
+    _summary(tmp_path / "v1", _eviction_rows(0.0))
+    _summary(tmp_path / "v2", _eviction_rows(0.5))
+    cols = [EvictionColumn("v1", str(tmp_path / "v1")), EvictionColumn("v2", str(tmp_path / "v2"))]
+    lines = card.eviction_table(cols, "official", "first").splitlines()
+    assert lines[0] == "| method | 5% v1 | 5% v2 | 25% v1 | 25% v2 |"
+    assert lines[2] == "| full KV | 90.0 | 90.0 | 90.0 | 90.0 |"
+    assert lines[3] == "| TGV-KV (text-guided) | 5.0 | 55.0 | 25.0 | 75.0 |"
+    # streamingllm (index 2) is the best of every column: bold
+    assert lines[4] == "| StreamingLLM (sinks + recent) | **25.0** | **75.0** | **45.0** | **95.0** |"
+    assert lines[5].startswith("| random (mean of its draws) | 15.0 | 65.0 |")
+    # a folder lacking a cell the other has: refused, not silently blank
+    _summary(tmp_path / "v2", [r for r in _eviction_rows(0.5) if not (r["method"] == "random" and r["keep"] == 0.25)])
+    with pytest.raises(ValueError, match="no official/first row for random at keep 0.25"):
+        card.eviction_table(cols, "official", "first")
     with pytest.raises(FileNotFoundError, match="run python -m tgvkv.eval"):
-        evaluate.eviction_table(str(tmp_path / "missing"))
+        card.eviction_table([EvictionColumn("x", str(tmp_path / "missing"))], "official", "first")
 
 
-def test_model_card_lists_every_stage_and_the_eviction_table(tmp_path):
+def test_random_cells_carry_the_spread_of_their_draws(tmp_path):
+    rows = _eviction_rows(0.0, methods=("tgv-kv",))
+    rows += [{"method": "random", "keep": k, "turn": t, "accuracy": 0.2, "accuracy_sd": 0.015, "draws": "5"}
+             for k in (0.05, 0.25) for t in ("first", "followup")]
+    _summary(tmp_path, rows)
+    text = card.eviction_table([EvictionColumn("v2", str(tmp_path))], "official", "followup")
+    assert "| random (mean of its draws) | **20.0 ± 1.5** | 20.0 ± 1.5 |" in text
+
+
+def test_eviction_section_has_both_protocols_and_the_text_only_probe(tmp_path):
+    rows = _eviction_rows(0.0, protocols=("official", "strict"))
+    rows += [{"method": "text-only", "keep": 0.1, "turn": t, "protocol": p, "accuracy": a}
+             for t, p, a in (("first", "official", 0.657), ("first", "strict", 0.271),
+                             ("followup", "official", 0.386), ("followup", "strict", 0.414))]
+    _summary(tmp_path, rows)
+    text = card.eviction_section([EvictionColumn("v2 short", str(tmp_path))])
+    heads = [line for line in text.splitlines() if line.startswith("**") and "protocol" in line]
+    assert [h.split("**")[1] for h in heads] == [
+        "first question, official protocol", "follow-up question (second turn on the evicted cache), official protocol",
+        "first question, strict protocol", "follow-up question (second turn on the evicted cache), strict protocol"]
+    assert "| v2 short | first | 90.0 | 65.7 | 27.1 |" in text
+    assert "| v2 short | follow-up | 90.0 | 38.6 | 41.4 |" in text
+    assert "5% -> 0 KiB of 2 KiB, 25% -> 0 KiB of 2 KiB" in text
+
+
+def test_stage_commands_chain_the_stages_through_their_exports():
+    stages = [
+        {"train_config": {"out": "/somewhere/a", "seed": 0, "lr": 0.0005, "precision": "bf16"}, "step": 3000,
+         "weights_dtype": "bfloat16"},
+        {"train_config": {"out": "/elsewhere/b", "seed": 1, "init_from": "/gone/stage1", "data_offset": 26816,
+                          "type_weights": "color=1.0,exists=1.8", "resume": True}, "step": 3410},
+    ]
+    lines = card.stage_commands(stages, shipped_from_best=True).splitlines()
+    assert lines == [
+        "python -m tgvkv.demo.train --out /tmp/demo-vlm-stage1 --lr 0.0005 --precision bf16",
+        "python -m tgvkv.demo.export /tmp/demo-vlm-stage1 /tmp/demo-vlm-stage1-bfloat16 --dtype bfloat16",
+        "python -m tgvkv.demo.train --out /tmp/demo-vlm-stage2 --seed 1 --init-from /tmp/demo-vlm-stage1-bfloat16 "
+        "--data-offset 26816 --type-weights color=1.0,exists=1.8",
+        "python -m tgvkv.demo.export /tmp/demo-vlm-stage2/best assets/demo-vlm --dtype float32",
+    ]
+    stages[0]["weights_dtype"] = "float32"  # continued from the float32 checkpoint itself: no copy
+    assert card.stage_commands(stages, shipped_from_best=False).splitlines()[1].startswith(
+        "python -m tgvkv.demo.train --out /tmp/demo-vlm-stage2 --seed 1 --init-from /tmp/demo-vlm-stage1 ")
+    assert card.stage_commands(stages, shipped_from_best=False).endswith("/tmp/demo-vlm-stage2 assets/demo-vlm --dtype float32")
+
+
+def test_speed_table_reads_the_training_bench(tmp_path):
+    rows = [{"size": "v2", "params": 8269952, "precision": p, "threads": 1, "seconds_per_step": s,
+             "steps_per_min": round(60 / s, 1), "speedup_vs_fp32": round(3.0 / s, 2)} for p, s in (("fp32", 3.0), ("bf16", 2.0))]
+    (tmp_path / "t.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    assert card.speed_table(str(tmp_path / "t.json")).splitlines()[2] == "| v2 | 8.3M | 1 | 3.00 (20.0) | 2.00 (30.0) | x1.50 |"
+
+
+def test_model_card_is_written_from_measured_files(tmp_path):
     import shutil
 
-    src = evaluate.DEFAULT_MODEL
+    from tgvkv.demo.evaluate import DEFAULT_MODEL
+
     model = tmp_path / "model"
     model.mkdir()
     for name in ("config.json", "tokenizer.json", "model.safetensors"):
-        shutil.copy(os.path.join(src, name), model / name)
+        shutil.copy(os.path.join(DEFAULT_MODEL, name), model / name)
     stage1 = {"train_config": {"seed": 0, "lr": 0.0006, "steps": 3000}, "step": 3000, "minutes": 53.0,
-              "last_validation": {"step": 3200, "val_overall": 0.84}, "curve": []}
-    _state(model, 900, [{"step": 900, "val_overall": 0.97}], previous=[stage1], init_from="assets/demo-vlm",
-           data_offset=400000, schedule="time", max_minutes=85.0, type_weights="exists=2.5", lr=0.0004)
-    rows = [{"method": "full", "keep": 1, "turn": t, "accuracy": 0.97} for t in ("first", "followup")]
-    rows += [{"method": m, "keep": 0.1, "turn": t, "accuracy": 0.5} for m in evaluate.CARD_EVICTION_METHODS
-             for t in ("first", "followup")]
-    _summary(tmp_path / "ev", rows)
-    res = {"per_type": {"color": {"n": 3, "accuracy": 1.0}}, "n": 3, "overall": 1.0, "split": "test", "n_per_type": 3}
-    text = open(evaluate.write_model_card(str(model), res, eviction_results=str(tmp_path / "ev"))).read()
+              "last_validation": {"step": 3000, "val_overall": 0.84}, "weights_dtype": "float32",
+              "curve": [{"step": 3000, "train_loss_ema": 0.1, "val_overall": 0.84}]}
+    _state(model, 900, [{"step": 900, "train_loss_ema": 0.05, "val_overall": 0.97}], previous=[stage1],
+           init_from="/tmp/gone", data_offset=400000, schedule="time", max_minutes=85.0, type_weights="exists=2.5",
+           lr=0.0004)
+
+    def res(acc):
+        return {"n": 7, "overall": acc, "per_type": {"color": {"n": 7, "accuracy": acc}}, "followup_overall": acc,
+                "followup_per_type": {"shape": {"n": 7, "accuracy": acc}}}
+
+    (tmp_path / "test.json").write_text(json.dumps({"split": "test", "n_per_type": 7,
+                                                    "styles": {"sentence": res(1.0), "short": res(0.5)}}))
+    (tmp_path / "v1.json").write_text(json.dumps({**res(0.25), "split": "test", "n_per_type": 300}))
+    _summary(tmp_path / "ev", _eviction_rows(0.0, protocols=("official", "strict")))
+    inputs = card.CardInputs(model_dir=str(model), test=str(tmp_path / "test.json"),
+                             references=(("v1", str(tmp_path / "v1.json")),),
+                             eviction=(EvictionColumn("v2", str(tmp_path / "ev")),))
+    text = open(card.write_model_card(inputs)).read()
+    assert "| question type | n | sentence (test) | short (test) | v1 sentence (test) |" in text
+    assert "| color | 7 | 100.0 | 50.0 | 25.0 |" in text
+    assert "test split, 7 questions per type; v1: test split, 300 per type." in text
     assert "1. From scratch, seed 0: 3000 steps" in text
-    assert "2. Continued from `assets/demo-vlm` on unseen scenes (from scene 400000), seed 0: 900 steps" in text
-    assert "lr 0.0004, 200 warm-up steps, linear decay to 10% over the last 0.25 of the wall-clock budget; question-type sampling weights exists=2.5" in text
-    assert "python -m tgvkv.demo.train --out assets/demo-vlm --steps 3000\n" in text
-    stage2 = next(line for line in text.splitlines() if "--init-from" in line).split()
-    assert stage2[:5] == ["python", "-m", "tgvkv.demo.train", "--out", "assets/demo-vlm"]
-    assert {" ".join(stage2[i : i + 2]) for i in range(5, len(stage2), 2)} == {
-        "--init-from assets/demo-vlm", "--data-offset 400000", "--schedule time", "--max-minutes 85.0",
-        "--type-weights exists=2.5", "--lr 0.0004"}
-    assert "| text-guided selection (TGV-KV) | 50.0 |" in text and "## Under KV eviction" in text
+    assert "2. Continued from the previous stage on unseen scenes (from scene 400000), seed 0: 900 steps" in text
+    assert "python -m tgvkv.demo.train --out /tmp/demo-vlm-stage2 --init-from /tmp/demo-vlm-stage1 --data-offset 400000 " \
+           "--schedule time --max-minutes 85.0 --type-weights exists=2.5 --lr 0.0004\n" in text
+    assert "**first question, strict protocol**" in text and "| TGV-KV (text-guided) | 5.0 | 25.0 |" in text
+    # the all-stage curve is written next to the card, steps counted from the first stage
+    assert (model / "training_curve.png").stat().st_size > 10_000
+    assert (model / "training_curve.csv").read_text().splitlines()[1:] == ["3000,0.1,0.84", "3900,0.05,0.97"]
+
+
+def test_export_stores_the_chosen_dtype_and_leaves_the_optimiser_behind(tmp_path):
+    import torch
+    from tiny_models import save_tiny_llava
+    from transformers import LlavaForConditionalGeneration
+
+    from tgvkv.demo.export import export
+
+    src = tmp_path / "ckpt"
+    model, _ = save_tiny_llava(src)
+    (src / "resume_state.pt").write_bytes(b"optimiser")
+    (src / "best").mkdir()
+    _state(src, 10, [], previous=[{"train_config": {"init_from": ""}, "step": 5}], init_from=str(src))
+    names = export(str(src), str(tmp_path / "bf16"), "bfloat16")
+    assert "resume_state.pt" not in names and "best" not in names and "training_state.json" in names
+    back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    ref = dict(model.named_parameters())
+    for name, p in back.named_parameters():
+        assert torch.equal(p, ref[name].detach().to(torch.bfloat16).float()), name
+    state = json.loads((tmp_path / "bf16" / "training_state.json").read_text())
+    assert state["previous_stages"][0]["weights_dtype"] == "float32"  # the config of the folder it named
+    with pytest.raises(ValueError, match="expected one of float32, bfloat16"):
+        export(str(src), str(tmp_path / "x"), "float16")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        export(str(tmp_path / "nothing"), str(tmp_path / "y"))

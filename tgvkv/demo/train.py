@@ -338,7 +338,12 @@ def _previous_stages(folder: str) -> list[dict]:
     if not os.path.exists(path):
         return [{"train_config": {"init_from": folder}, "note": "no training_state.json in the folder"}]
     with open(path) as f:
-        return stages_of(json.load(f))
+        stages = stages_of(json.load(f))
+    config = os.path.join(folder, "config.json")
+    if os.path.exists(config):  # the dtype the next stage found these weights in (a bf16 copy, say)
+        with open(config) as f:
+            stages[-1]["weights_dtype"] = json.load(f).get("dtype") or "float32"
+    return stages
 
 
 def full_curve(folder: str) -> list[dict]:
@@ -576,7 +581,7 @@ def main(argv=None) -> None:
     spec = ModelSpec(**{k: args[k] for k in ModelSpec().to_dict()})
     train(cfg, spec)
     if not args["no_plot"]:
-        from .evaluate import plot_curve
+        from .card import plot_curve
 
         plot_curve(full_curve(cfg.out), os.path.join(cfg.out, "training_curve.png"))
 
