@@ -152,8 +152,44 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, precision):
     sb = json.loads((tmp_path / "b" / "training_state.json").read_text())
     assert sa["step"] == sb["step"] == 3
     assert [r["step"] for r in sb["curve"]] == [1, 2, 3]
+    assert sb["curve"][-1]["train_loss_ema"] == sa["curve"][-1]["train_loss_ema"]  # the loss EMA resumes too
     assert {"val_sentence_overall", "val_short_overall", "val_select"} <= set(sb["curve"][-1])
     assert (tmp_path / "b" / "best" / "model.safetensors").exists()
+
+
+def test_data_parallel_training_equals_one_process(tmp_path):
+    """2 CPU processes (each half of a step's images, gradients summed) train the same model as one process: 3 steps
+    in one process == 2 data-parallel steps, stop, data-parallel --resume to 3 (up to float summation order)."""
+    from tgvkv.demo.build import ModelSpec
+    from tgvkv.demo.train import TrainConfig, train
+
+    spec = ModelSpec(**TINY)
+    common = dict(images_per_step=4, pieces_per_image=2, val_every=2, save_every=2, val_n=7, threads=1,
+                  short_frac=0.5, warmup=2)
+    one = train(TrainConfig(out=str(tmp_path / "one"), steps=3, **common), spec)
+    train(TrainConfig(out=str(tmp_path / "dp"), steps=2, data_parallel=2, **common), spec)
+    dp = train(TrainConfig(out=str(tmp_path / "dp"), steps=3, data_parallel=2, resume=True, **common), spec)
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "dp")
+    assert w1.keys() == w2.keys()
+    changed = 0
+    for k in w1:
+        np.testing.assert_allclose(w1[k], w2[k], atol=1e-5, rtol=0, err_msg=k)
+        changed += int(not np.array_equal(w1[k], _weights_at_init(spec, tmp_path / "init")[k]))
+    assert changed > len(w1) // 2  # the runs did train
+    assert [r["step"] for r in dp["curve"]] == [r["step"] for r in one["curve"]] == [2, 3]
+    assert dp["curve"][-1]["train_loss_ema"] == pytest.approx(one["curve"][-1]["train_loss_ema"], abs=1e-4)
+    with pytest.raises(ValueError, match="data_parallel must be in \\[1, images_per_step=4\\], got 5"):
+        TrainConfig(images_per_step=4, data_parallel=5)
+
+
+def _weights_at_init(spec, folder, _cache={}):
+    """The untrained weights of seed 0, as saved (the saved names differ from the in-memory state dict's)."""
+    if "w" not in _cache:
+        from tgvkv.demo.build import build_model, build_processor
+
+        build_model(build_processor().tokenizer, spec, seed=0).save_pretrained(folder)
+        _cache["w"] = _weights(folder)
+    return _cache["w"]
 
 
 def test_resume_without_state_is_refused(tmp_path):

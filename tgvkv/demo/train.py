@@ -65,6 +65,7 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": forward/backward under CPU autocast (AMX), float32 master weights and optimiser
     best_metric: str = "val_select"  # validation column that picks the checkpoint kept in <out>/best
     resume: bool = False  # continue an interrupted run of this config exactly (model, optimiser, step, data) from <out>
+    data_parallel: int = 1  # training processes (one per core): each takes images[rank::N] of a step, gradients summed
 
     def __post_init__(self) -> None:  # checked here, not at the first decayed step of a long run
         if self.schedule not in ("steps", "time"):
@@ -75,6 +76,9 @@ class TrainConfig:
             raise ValueError(f"unknown precision {self.precision!r}; expected 'fp32' or 'bf16'")
         if not 0.0 <= self.short_frac <= 1.0:
             raise ValueError(f"short_frac must be in [0, 1], got {self.short_frac}")
+        if not 1 <= self.data_parallel <= self.images_per_step:
+            raise ValueError(f"data_parallel must be in [1, images_per_step={self.images_per_step}], "
+                             f"got {self.data_parallel}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -446,21 +450,112 @@ def _step_seconds(cfg: TrainConfig, spec: ModelSpec, steps: int, warmup: int) ->
 RESUME_FILE = "resume_state.pt"  # optimiser + loop state for --resume (not part of the shipped model)
 
 
-def _save_resume(out: str, opt, step: int, seed_cursor: int, best: float, elapsed: float) -> None:
+def _save_resume(out: str, opt, step: int, seed_cursor: int, best: float, elapsed: float, ema: float) -> None:
     import torch
 
     tmp = os.path.join(out, RESUME_FILE + ".tmp")
     torch.save({"optimizer": opt.state_dict(), "step": step, "seed_cursor": seed_cursor, "best": best,
-                "elapsed": elapsed}, tmp)
+                "elapsed": elapsed, "loss_ema": ema}, tmp)
     os.replace(tmp, os.path.join(out, RESUME_FILE))
 
 
+class Workers:
+    """The processes of one training run: one alone, or ``world`` ranks on a gloo group (CPU data parallelism).
+
+    Every rank builds the same step (same seed and data cursor) and trains on its share of the images; gradients
+    are summed, so all ranks apply the same update and hold the same weights. Rank 0 validates, saves and logs;
+    the schedule clock and the stop decision are rank 0's, sent to the others. With ``world == 1`` every
+    operation is the identity and the loop is the single-process one, bit for bit.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, groups: list) -> list:
+        return groups[self.rank :: self.world]
+
+    def total(self, t):
+        """Sum of ``t`` over the ranks (in place)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+    def from_main(self, value: float) -> float:
+        """Rank 0's value of a float (lr, stop flag), so every rank follows one clock."""
+        if self.world == 1:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.broadcast(t, 0)
+        return float(t.item())
+
+    def sum_gradients(self, params: list) -> None:
+        if self.world == 1:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = self.total(_flatten_dense_tensors(grads))
+        for g, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(summed)
+
+    def check_in_step(self, model) -> None:
+        """Raise if the ranks' weights differ (they must, bit for bit, after identical updates)."""
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        s = sum(float(p.detach().double().sum()) for p in model.parameters())
+        t = torch.tensor([s, -s], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if float(t[0]) != -float(t[1]):
+            raise RuntimeError(f"data-parallel ranks diverged: weight sums {float(t[0])!r} vs {-float(t[1])!r}")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
 def train(cfg: TrainConfig, spec: ModelSpec = ModelSpec()) -> dict:
-    with _FlushDenormals():
-        return _train(cfg, spec)
+    if cfg.data_parallel == 1:
+        with _FlushDenormals():
+            return _train(cfg, spec, Workers())
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    rendezvous = os.path.join(tempfile.mkdtemp(prefix="tgvkv-train-"), "group")
+    mp.spawn(_train_rank, args=(cfg, spec, rendezvous), nprocs=cfg.data_parallel, join=True)
+    shutil.rmtree(os.path.dirname(rendezvous), ignore_errors=True)
+    with open(os.path.join(cfg.out, "training_state.json")) as f:
+        state = json.load(f)
+    return {"curve": state["curve"], "n_params": state["n_params"], "minutes": state["minutes"]}
 
 
-def _train(cfg: TrainConfig, spec: ModelSpec) -> dict:
+def _train_rank(rank: int, cfg: TrainConfig, spec: ModelSpec, rendezvous: str) -> None:
+    import torch.distributed as dist
+
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=cfg.data_parallel)
+    try:
+        with _FlushDenormals():
+            _train(cfg, spec, Workers(rank, cfg.data_parallel))
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, spec: ModelSpec, workers: Workers) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -514,12 +609,13 @@ def _train(cfg: TrainConfig, spec: ModelSpec) -> dict:
             curve = json.load(f).get("curve", [])
         log.info("resumed at step %d (%.1f min)", start, t_offset / 60)
     t0 = time.time() - t_offset
-    ema = None
+    ema = resume.get("loss_ema") if resume else None  # the curve's loss column continues too (older states: restarts)
+    params = list(model.parameters())
     for step in range(start, cfg.steps):
-        lr = lr_at(step, cfg, time.time() - t0)
+        lr = workers.from_main(lr_at(step, cfg, time.time() - t0))
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = packer.pack(train_groups(cfg, step, seed_cursor))
+        batch = packer.pack(workers.shard(train_groups(cfg, step, seed_cursor)))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             out = model(
                 input_ids=batch["input_ids"],
@@ -529,17 +625,27 @@ def _train(cfg: TrainConfig, spec: ModelSpec) -> dict:
             )
         logits = out.logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        if workers.world == 1:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        else:  # this rank's share of the mean over every rank's answer tokens
+            n_answer = workers.total((labels != -100).sum().double())
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                   reduction="sum") / n_answer.float()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        workers.sum_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        elapsed = time.time() - t0
-        last = step == cfg.steps - 1 or (cfg.max_minutes and elapsed > cfg.max_minutes * 60)
+        step_loss = workers.total(loss.detach().clone()).item()
+        ema = step_loss if ema is None else 0.98 * ema + 0.02 * step_loss
+        elapsed = workers.from_main(time.time() - t0)
+        last = step == cfg.steps - 1 or bool(cfg.max_minutes and elapsed > cfg.max_minutes * 60)
         if step % 50 == 0:
-            log.info("step %d loss %.4f (ema %.4f) lr %.2e %.1f min", step, loss.item(), ema, lr, elapsed / 60)
-        if (step + 1) % cfg.val_every == 0 or last:
+            log.info("step %d loss %.4f (ema %.4f) lr %.2e %.1f min", step, step_loss, ema, lr, elapsed / 60)
+        validate = (step + 1) % cfg.val_every == 0 or last
+        if validate:
+            workers.check_in_step(model)
+        if validate and workers.main:
             acc = evaluate_teacher_forced(model, packer, val_qas, val_g)
             row = {"step": step + 1, "minutes": round(elapsed / 60, 2), "train_loss_ema": round(ema, 5)}
             row.update({f"val_{k}": round(v, 4) for k, v in sorted(acc.items())})
@@ -555,11 +661,13 @@ def _train(cfg: TrainConfig, spec: ModelSpec) -> dict:
                      {"step": step + 1, "minutes": elapsed / 60, "n_params": n_params, "curve": curve,
                       "previous_stages": previous_stages, "best": {cfg.best_metric: best, "step": step + 1}})
                 log.info("best %s %.4f at step %d", cfg.best_metric, best, step + 1)
-        if (step + 1) % cfg.save_every == 0 or last:
+        if ((step + 1) % cfg.save_every == 0 or last) and workers.main:
             save(model, processor, cfg.out, cfg, spec, {"step": step + 1, "minutes": elapsed / 60, "n_params": n_params, "curve": curve,
                  "previous_stages": previous_stages})
-            _save_resume(cfg.out, opt, step + 1, seed_cursor[0], best, elapsed)
+            _save_resume(cfg.out, opt, step + 1, seed_cursor[0], best, elapsed, ema)
             log.info("saved checkpoint at step %d to %s", step + 1, cfg.out)
+        if validate or (step + 1) % cfg.save_every == 0:
+            workers.barrier()  # the other ranks wait for rank 0's validation and files
         if last:
             break
     return {"curve": curve, "n_params": n_params, "minutes": (time.time() - t0) / 60}
