@@ -206,41 +206,52 @@ def test_packed_training_forward_matches_unpacked(model, processor):
     assert torch.allclose(packed[0, n0 + n1 : n0 + n1 + len(convs[1][0])], single[0, n0:], atol=1e-4)
 
 
-# The first test-split question of every type (scenes.dataset("test", 7)), with the expected answer strings
-FIXED_TEST_QUESTIONS = [
-    (20000015, "what color is the triangle ?", "the triangle is white ."),
-    (20000021, "what shape is the blue object ?", "the blue object is a circle ."),
-    (20000132, "where is the blue square ?", "the blue square is at the bottom left ."),
-    (20000184, "what is at the top left ?", "there is a blue square at the top left ."),
-    (20000231, "is there a white triangle ?", "there is a white triangle at the bottom middle ."),
-    (20000234, "how many objects are there ?", "there is one object ."),
-    (
-        20000261,
-        "describe the image .",
-        "there is a green square at the top left , a white triangle at the middle right and a yellow circle at the bottom right .",
-    ),
-]
+# The first test-split question of every type (scenes.dataset("test", 7, style=...)) with its follow-up: (seed,
+# question, answer, follow-up question, follow-up answer) per answer style; the answers are the task's (ground truth)
+FIXED_TEST_QUESTIONS = {
+    "sentence": [
+        (20000015, "what color is the triangle ?", "the triangle is white .",
+         "is there a green triangle ?", "there is no green triangle ."),
+        (20000021, "what shape is the blue object ?", "the blue object is a circle .",
+         "what shape is the red object ?", "the red object is a triangle ."),
+        (20000132, "where is the blue square ?", "the blue square is at the bottom left .",
+         "where is the blue square ?", "the blue square is at the bottom left ."),
+        (20000184, "what is at the top left ?", "there is a blue square at the top left .",
+         "where is the red triangle ?", "the red triangle is at the top middle ."),
+        (20000231, "is there a white triangle ?", "there is a white triangle at the bottom middle .",
+         "what is at the top middle ?", "there is nothing at the top middle ."),
+        (20000234, "how many objects are there ?", "there is one object .",
+         "what shape is the purple object ?", "the purple object is a circle ."),
+        (20000261, "describe the image .",
+         "there is a green square at the top left , a white triangle at the middle right and a yellow circle at the "
+         "bottom right .", "where is the yellow circle ?", "the yellow circle is at the bottom right ."),
+    ],
+    "short": [
+        (20000015, "what color is the triangle ?", "white", "is there a green triangle ?", "no"),
+        (20000021, "what shape is the blue object ?", "circle", "what shape is the red object ?", "triangle"),
+        (20000132, "where is the blue square ?", "bottom left", "where is the blue square ?", "bottom left"),
+        (20000184, "what is at the top left ?", "blue square", "where is the red triangle ?", "top middle"),
+        (20000231, "is there a white triangle ?", "yes", "what is at the top middle ?", "nothing"),
+        (20000234, "how many objects are there ?", "one", "what shape is the purple object ?", "circle"),
+        (20000261, "describe the image .", "green square , white triangle and yellow circle",
+         "where is the yellow circle ?", "bottom right"),
+    ],
+}
 
 
-# Types on which the shipped model meets the issue's per-type target; see assets/demo-vlm/README.md for the others.
-AT_TARGET = {"color", "where", "position", "exists", "count", "describe"}
-
-
-def test_model_answers_fixed_test_questions(model, processor):
+@pytest.mark.parametrize("style", ["sentence", "short"])
+def test_model_answers_fixed_test_questions(model, processor, style):
+    """Greedy answers of the shipped model on fixed test scenes, first question and follow-up, in both styles."""
     from tgvkv.demo import evaluate
 
-    qas = scenes.dataset("test", len(FIXED_TEST_QUESTIONS))
-    assert [(qa.scene.seed, qa.question, qa.answer) for qa in qas] == FIXED_TEST_QUESTIONS
+    qas = scenes.dataset("test", 7, style=style)
+    suffix = f" {scenes.SHORT_SUFFIX}" if style == "short" else ""
+    assert [(qa.scene.seed, qa.question, qa.answer, qa.followup_question, qa.followup_answer) for qa in qas] == [
+        (seed, q + suffix, a, fq + suffix, fa) for seed, q, a, fq, fa in FIXED_TEST_QUESTIONS[style]]
     answers = evaluate.run_answers_batched(model, processor, qas, followup=True, batch_size=len(qas))
-    for qa, (answer, followup) in zip(qas, answers):
-        if qa.qtype in AT_TARGET:
-            assert answer == qa.answer, (qa.question, answer)
-        # every answer is a sentence of the task's answer language, ending with "." (the model stopped by </s>)
-        assert answer.split()[0] in {"the", "there"} and answer.endswith(" ."), answer
-        assert followup and followup.endswith(" ."), followup
+    assert answers == [(a, fa) for _, _, a, _, fa in FIXED_TEST_QUESTIONS[style]]
     # the one-at-a-time path (what an app does) gives the same answers, token for token
-    for qa, pair in list(zip(qas, answers))[:1]:
-        assert evaluate.run_answer(model, processor, qa, followup=True) == pair
+    assert evaluate.run_answer(model, processor, qas[0], followup=True) == answers[0]
 
 
 def test_model_accuracy_floor_on_test_split(model, processor):
