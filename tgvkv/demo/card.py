@@ -1,7 +1,7 @@
 """The demo model's card (``assets/demo-vlm/README.md``), written from measured results only.
 
     python -m tgvkv.demo.card --model assets/demo-vlm --test assets/demo-vlm/eval_test.json \\
-        --fresh assets/demo-vlm/eval_fresh.json --reference "v1=results/demo-v1/eval_test.json" \\
+        --fresh assets/demo-vlm/eval_fresh.json --reference "v1=assets/demo-vlm-v1/eval_test.json" \\
         --eviction "v1=results/demo-v1" --eviction "v2=results/demo" --eviction "v2 short=results/demo-short" \\
         --train-speed results/bench/train_speed.json --notes docs/demo-model-card-notes.md
 
