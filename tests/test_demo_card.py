@@ -163,7 +163,7 @@ def test_model_card_is_written_from_measured_files(tmp_path):
               "curve": [{"step": 3000, "train_loss_ema": 0.1, "val_overall": 0.84}]}
     _state(model, 900, [{"step": 900, "train_loss_ema": 0.05, "val_overall": 0.97}], previous=[stage1],
            init_from="/tmp/gone", data_offset=400000, schedule="time", max_minutes=85.0, type_weights="exists=2.5",
-           lr=0.0004)
+           lr=0.0004, threads=1, data_parallel=2)
 
     def res(acc):
         return {"n": 7, "overall": acc, "per_type": {"color": {"n": 7, "accuracy": acc}}, "followup_overall": acc,
@@ -180,10 +180,11 @@ def test_model_card_is_written_from_measured_files(tmp_path):
     assert "| question type | n | sentence (test) | short (test) | v1 sentence (test) |" in text
     assert "| color | 7 | 100.0 | 50.0 | 25.0 |" in text
     assert "test split, 7 questions per type; v1: test split, 300 per type." in text
-    assert "1. From scratch, seed 0: 3000 steps" in text
+    assert "1. From scratch, seed 0: 3000 steps" in text and "in 53 minutes on 2 CPU threads, fp32;" in text
     assert "2. Continued from the previous stage on unseen scenes (from scene 400000), seed 0: 900 steps" in text
+    assert "in 2 minutes on 2 data-parallel processes x 1 CPU thread, fp32; lr 0.0004" in text
     assert "python -m tgvkv.demo.train --out /tmp/demo-vlm-stage2 --init-from /tmp/demo-vlm-stage1 --data-offset 400000 " \
-           "--schedule time --max-minutes 85.0 --type-weights exists=2.5 --lr 0.0004\n" in text
+           "--schedule time --max-minutes 85.0 --type-weights exists=2.5 --lr 0.0004 --threads 1 --data-parallel 2\n" in text
     assert "**first question, strict protocol**" in text and "| TGV-KV (text-guided) | 5.0 | 25.0 |" in text
     # the all-stage curve is written next to the card, steps counted from the first stage
     assert (model / "training_curve.png").stat().st_size > 10_000

@@ -209,10 +209,17 @@ def stage_summary(stage: dict) -> str:
     return (
         f"{start.capitalize()}, seed {cfg.get('seed')}: {stage.get('step')} steps of {cfg.get('images_per_step')} "
         f"images x {cfg.get('pieces_per_image')} packed conversations ({cfg.get('followup_prob')} of them two-turn) in "
-        f"{(stage.get('minutes') or 0):.0f} minutes on {cfg.get('threads', 2)} CPU thread(s){precision}; lr "
+        f"{(stage.get('minutes') or 0):.0f} minutes on {_workers(cfg)}{precision}; lr "
         f"{cfg.get('lr')}, {cfg.get('warmup')} warm-up steps, linear decay to 10% over the last {cfg.get('decay_frac')} "
         f"{sched}{weights}{short}. Last validation point: {json.dumps(stage.get('last_validation', {}))}."
     )
+
+
+def _workers(cfg: dict) -> str:
+    threads = cfg.get("threads", 2)
+    per = f"{threads} CPU thread{'s' if threads != 1 else ''}"
+    n = cfg.get("data_parallel", 1)
+    return f"{n} data-parallel processes x {per}" if n > 1 else per
 
 
 def handed_on_dtype(previous: dict, stage: dict) -> str:
