@@ -177,19 +177,6 @@ def evaluate(model, processor, qas, followup: bool = False, answer_fn: Callable 
     return res
 
 
-def format_table(res: dict) -> str:
-    lines = ["| question type | n | exact match |", "|---|---|---|"]
-    for t, r in res["per_type"].items():
-        lines.append(f"| {t} | {r['n']} | {100 * r['accuracy']:.1f}% |")
-    lines.append(f"| **overall** | {res['n']} | **{100 * res['overall']:.1f}%** |")
-    if "followup_per_type" in res:
-        for t, r in res["followup_per_type"].items():
-            lines.append(f"| follow-up: {t} | {r['n']} | {100 * r['accuracy']:.1f}% |")
-        n = sum(r["n"] for r in res["followup_per_type"].values())
-        lines.append(f"| **follow-up overall** | {n} | **{100 * res['followup_overall']:.1f}%** |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)

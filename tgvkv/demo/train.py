@@ -540,8 +540,10 @@ def train(cfg: TrainConfig, spec: ModelSpec = ModelSpec()) -> dict:
     import torch.multiprocessing as mp
 
     rendezvous = os.path.join(tempfile.mkdtemp(prefix="tgvkv-train-"), "group")
-    mp.spawn(_train_rank, args=(cfg, spec, rendezvous), nprocs=cfg.data_parallel, join=True)
-    shutil.rmtree(os.path.dirname(rendezvous), ignore_errors=True)
+    try:
+        mp.spawn(_train_rank, args=(cfg, spec, rendezvous), nprocs=cfg.data_parallel, join=True)
+    finally:  # also when a rank fails: the rendezvous folder is ours to remove
+        shutil.rmtree(os.path.dirname(rendezvous), ignore_errors=True)
     with open(os.path.join(cfg.out, "training_state.json")) as f:
         state = json.load(f)
     return {"curve": state["curve"], "n_params": state["n_params"], "minutes": state["minutes"]}
