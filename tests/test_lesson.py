@@ -203,3 +203,12 @@ def test_written_index_loads_back(tmp_path):
     (ex,) = load_lesson_examples(tmp_path)
     assert (ex.kind, ex.question, ex.followup, ex.keep_percent) == ("both-lose", "q1", "f1", 10)
     assert ex.path.is_file() and ex.label == "(b) TGV-KV and random both lose it · 10%"
+
+
+def test_rewriting_the_index_removes_images_of_the_earlier_pick(tmp_path):
+    first = pick_examples(_rows("test-00001-s1", 1, {"full": 1, "tgv-kv": 0, "random": 0}, followup={"full": 1}))
+    write_examples(first, "test", 3, tmp_path, {"rows": "x"})
+    (tmp_path / "notes.png").write_bytes(b"not ours")
+    second = pick_examples(_rows("test-00002-s2", 2, {"full": 1, "tgv-kv": 0, "random": 0}, followup={"full": 1}))
+    write_examples(second, "test", 3, tmp_path, {"rows": "x"})
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["both-lose_test-00002-s2.png", "notes.png"]

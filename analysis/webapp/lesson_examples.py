@@ -237,6 +237,11 @@ def write_examples(chosen: dict[str, Choice], split: str, n: int, out_dir: Path,
     index = out_dir / INDEX_NAME
     index.write_text(json.dumps({"rule": RULE, "source": source, "examples": entries},
                                 indent=2, ensure_ascii=False) + "\n")
+    listed = {e["image"] for e in entries}
+    for kind in KINDS:  # images of an earlier pick that this one replaced (nothing else in the folder is touched)
+        for old in out_dir.glob(f"{kind}_*.png"):
+            if old.name not in listed:
+                old.unlink()
     return index
 
 
