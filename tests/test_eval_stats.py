@@ -117,6 +117,27 @@ def test_claims_read_holds_fails_and_not_distinguishable_from_intervals():
     assert "streamingllm: 50.0 vs 100.0, diff -50.0 pts" in c2_10
 
 
+def test_claims_also_at_more_budgets():
+    """--also-at checks claims 1 and 2 at more budgets; the paper's budgets stay first, a repeated one is not doubled."""
+    n = 40
+    rows = [_row(e, "full", 1.0, 1.0) for e in range(n)]
+    for k, right in ((0.05, 0), (0.1, 0), (0.25, 39)):  # tgv-kv right on `right` examples; the baselines never
+        rows += [_row(e, "tgv-kv", k, 1.0 if e < right else 0.0) for e in range(n)]
+        rows += [_row(e, b, k, 0.0) for e in range(n) for b in ("random", "streamingllm", "h2o")]
+    summary = _summary(rows, ["tgv-kv", "random", "streamingllm", "h2o"], [0.05, 0.1, 0.25])
+    paper = report.claims(_rows(rows), summary, "official", "first")
+    assert [line[:30] for line in paper] == [
+        "1. TGV-KV at 5% keeps >= 95% o", "2. TGV-KV beats random, Stream", "2. TGV-KV beats random, Stream"]
+    lines = report.claims(_rows(rows), summary, "official", "first", also_at=(0.25, 0.1))
+    assert len(lines) == 5 and lines[:1] == paper[:1]
+    # 25%: 39 of 40 right: 97.5% vs full 100%; per example 1 - 0.95 = +0.05 on 39 and -0.95 on one: mean +2.5 pts
+    assert lines[1].startswith("1. TGV-KV at 25% keeps >= 95% of full-KV accuracy: **not distinguishable** (97.5% vs "
+                               "full 100.0%")
+    assert lines[4].startswith("2. TGV-KV beats random, StreamingLLM and H2O at 25%: **holds**")
+    with pytest.raises(SystemExit):
+        report.main(["--also-at", "0,2", "unused"])
+
+
 def test_ablation_claim_and_worst_variant():
     n = 60
     acc = {"tgv-kv": 50, "tgv-tv-tt": 30, "tgv-vv-tt": 10, "tgv-evict-text-first": 0, "tgv-self-attn": 0}

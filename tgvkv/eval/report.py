@@ -202,25 +202,37 @@ def ablation_table(summary: dict, protocol: str, turn: str, keep: float = 0.05) 
     return "\n".join(lines)
 
 
-def claims(rows: dict, summary: dict, protocol: str, turn: str) -> list[str]:
-    """Bullet lines, one per claim, each with its verdict read from paired bootstrap intervals and the numbers."""
+#: the budgets at which the paper states claims 1 and 2
+CLAIM1_KEEPS = (0.05,)
+CLAIM2_KEEPS = (0.05, 0.1)
+
+
+def claims(rows: dict, summary: dict, protocol: str, turn: str, also_at: Sequence[float] = ()) -> list[str]:
+    """Bullet lines, one per claim, each with its verdict read from paired bootstrap intervals and the numbers.
+
+    Claims 1 and 2 are checked at the paper's budgets and, when `also_at` names more, at those too (on a model with
+    fewer image tokens than the paper's, the budget that keeps as many tokens per layer as the paper's 5% is larger).
+    """
     out = []
     tab = {(r["method"], r["keep"]): r for r in summary["table"]
            if r["protocol"] == protocol and r["turn"] == turn and r["qtype"] == "all"}
     methods = {m for m, _ in tab}
     keeps = sorted({k for m, k in tab if m != FULL})
+    extra = [k for k in sorted(set(also_at)) if k not in CLAIM2_KEEPS]
     # 1. TGV-KV at 5% >= 95% of full KV: per example, tgv-kv score - 0.95 x full-KV score
-    c = paired(rows, "tgv-kv", FULL, 0.05, protocol, turn, weight_b=0.95) if ("tgv-kv", 0.05) in tab else None
-    if c is not None:
-        r = tab[("tgv-kv", 0.05)]
+    for keep in (*CLAIM1_KEEPS, *extra):
+        c = paired(rows, "tgv-kv", FULL, keep, protocol, turn, weight_b=0.95) if ("tgv-kv", keep) in tab else None
+        if c is None:
+            continue
+        r = tab[("tgv-kv", keep)]
         rel = r["relative_to_full"]
         rel_txt = f"relative {_pct(rel)}%" if rel is not None else "relative undefined (full KV scores 0)"
-        out.append(f"1. TGV-KV at 5% keeps >= 95% of full-KV accuracy: **{c['verdict']}** "
+        out.append(f"1. TGV-KV at {keep * 100:g}% keeps >= 95% of full-KV accuracy: **{c['verdict']}** "
                    f"({_pct(c['a'])}% vs full {_pct(c['b'])}%, {rel_txt}; TGV-KV - 0.95 x full: "
                    f"{100 * c['diff']:+.1f} pts [95% CI {100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}]; answers "
                    f"identical to full KV on {_pct(r['agree_full'])}% of examples).")
     # 2. TGV-KV beats random, StreamingLLM and H2O at 5% and at 10%
-    for keep in (0.05, 0.1):
+    for keep in (*CLAIM2_KEEPS, *extra):
         parts, verdicts = [], []
         for b in ("random", "streamingllm", "h2o"):
             if b not in methods or ("tgv-kv", keep) not in tab:
@@ -267,7 +279,8 @@ def claims(rows: dict, summary: dict, protocol: str, turn: str) -> list[str]:
     return out
 
 
-def report(folder: str | Path) -> str:
+def report(folder: str | Path, also_at: Sequence[float] = ()) -> str:
+    """The whole markdown report of an evaluator folder; `also_at`: more budgets for claims 1 and 2."""
     folder = Path(folder)
     summary = json.loads((folder / SUMMARY_JSON).read_text())
     n = summary["n_examples"]  # the task's examples are a prefix (index < n) of what the rows may hold
@@ -291,7 +304,7 @@ def report(folder: str | Path) -> str:
         parts.append(f"\n### Ablations at 5% next to the paper's, {turn} turn, {protocol} protocol\n\n"
                      + ablation_table(summary, protocol, turn))
     for protocol, turn in combos:
-        parts.append(f"\n### Claims, {turn} turn, {protocol} protocol\n\n" + "\n".join(claims(rows, summary, protocol, turn)))
+        parts.append(f"\n### Claims, {turn} turn, {protocol} protocol\n\n" + "\n".join(claims(rows, summary, protocol, turn, also_at)))
     return "\n".join(parts) + "\n"
 
 
@@ -322,6 +335,16 @@ def curve_table(labelled: Sequence[tuple[str, dict]], method: str, protocol: str
     return "\n".join(lines)
 
 
+def _keeps(text: str) -> tuple[float, ...]:
+    try:
+        keeps = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected budgets like 0.25,0.5, got {text!r}") from None
+    if not keeps or not all(0 < k <= 1 for k in keeps):
+        raise argparse.ArgumentTypeError(f"budgets are shares in (0, 1], got {text!r}")
+    return keeps
+
+
 def _check_folder(folder: str) -> None:
     if not (Path(folder) / SUMMARY_JSON).exists() or not load_all_rows(Path(folder)):
         raise SystemExit(f"no {SUMMARY_JSON} or no rows ({ROWS}, {ROWS}.gz, rows.rank*.jsonl) in {folder}")
@@ -332,6 +355,9 @@ def main(argv=None) -> None:
     ap.add_argument("folders", nargs="+", metavar="folder", help="evaluator output folder(s)")
     ap.add_argument("--curve", metavar="METHOD", help="instead of the report: METHOD's accuracy per budget in each "
                     "folder, one row per folder (mean, sd and range over the draws of a seeded method)")
+    ap.add_argument("--also-at", type=_keeps, default=(), metavar="KEEPS",
+                    help="also check claims 1 and 2 at these budgets, e.g. 0.25,0.5 (the paper states them at 5%% "
+                         "and 10%%; a model with fewer image tokens keeps fewer tokens per layer at the same share)")
     args = ap.parse_args(argv)
     for folder in args.folders:
         _check_folder(folder)
@@ -343,7 +369,7 @@ def main(argv=None) -> None:
             print(f"\n### {args.curve}, {turn} turn, {protocol} protocol\n\n" + table)
         return
     for folder in args.folders:
-        print(report(folder))
+        print(report(folder, args.also_at))
 
 
 if __name__ == "__main__":
