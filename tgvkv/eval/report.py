@@ -218,9 +218,9 @@ def claims(rows: dict, summary: dict, protocol: str, turn: str, also_at: Sequenc
            if r["protocol"] == protocol and r["turn"] == turn and r["qtype"] == "all"}
     methods = {m for m, _ in tab}
     keeps = sorted({k for m, k in tab if m != FULL})
-    extra = [k for k in sorted(set(also_at)) if k not in CLAIM2_KEEPS]
+    asked = sorted(set(also_at))
     # 1. TGV-KV at 5% >= 95% of full KV: per example, tgv-kv score - 0.95 x full-KV score
-    for keep in (*CLAIM1_KEEPS, *extra):
+    for keep in (*CLAIM1_KEEPS, *(k for k in asked if k not in CLAIM1_KEEPS)):
         c = paired(rows, "tgv-kv", FULL, keep, protocol, turn, weight_b=0.95) if ("tgv-kv", keep) in tab else None
         if c is None:
             continue
@@ -232,7 +232,7 @@ def claims(rows: dict, summary: dict, protocol: str, turn: str, also_at: Sequenc
                    f"{100 * c['diff']:+.1f} pts [95% CI {100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}]; answers "
                    f"identical to full KV on {_pct(r['agree_full'])}% of examples).")
     # 2. TGV-KV beats random, StreamingLLM and H2O at 5% and at 10%
-    for keep in (*CLAIM2_KEEPS, *extra):
+    for keep in (*CLAIM2_KEEPS, *(k for k in asked if k not in CLAIM2_KEEPS)):
         parts, verdicts = [], []
         for b in ("random", "streamingllm", "h2o"):
             if b not in methods or ("tgv-kv", keep) not in tab:
